@@ -1,0 +1,1 @@
+"""Diffusion Composer's engine: recipes in, images out, independent of any UI."""

@@ -1,0 +1,134 @@
+"""The command line: ``python -m composer generate | info | models`` (../shared/RECIPE.md).
+
+Every user mistake ends as one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from composer.recipe import RecipeError
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from composer import engine, registry
+    from composer.recipe import apply_overrides, parse
+
+    text = sys.stdin.read() if args.recipe == "-" else _read(args.recipe)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"recipe: {args.recipe} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe: {args.recipe} must hold a JSON object")
+    recipe = parse(apply_overrides(data, args.set), check=registry.check_reference)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\rstep {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+
+    result = engine.generate(recipe, progress=progress)
+    for i, (image, info) in enumerate(zip(result.images, result.metadata, strict=False)):
+        path = out / f"{i:05d}.png"
+        image.save(path, format="PNG", pnginfo=info)
+        print(
+            json.dumps(
+                {"path": str(path), "seed": result.seeds[i], "seconds": round(result.seconds[i], 3)}
+            ),
+            flush=True,
+        )
+    return 0
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"recipe: cannot read {path!r} ({e.__class__.__name__}: {e})") from None
+
+
+def _info(args: argparse.Namespace) -> int:
+    from composer.pnginfo import read_recipe
+
+    print(read_recipe(args.image).to_json())
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from composer import registry
+
+    listing = {kind: sorted(registry.bundled(kind)) for kind in ("models", "loras", "aggregators")}
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    for kind, names in listing.items():
+        print(f"{kind}:")
+        for name in names:
+            card = registry.bundled(kind)[name] / "README.md"
+            summary = _summary(card) if card.is_file() else ""
+            print(f"  {name:<14} {summary}".rstrip())
+        if not names:
+            print("  (none)")
+    return 0
+
+
+def _summary(card: Path) -> str:
+    """The first plain sentence of a model card (front matter and headings skipped)."""
+    lines = card.read_text().splitlines()
+    if lines and lines[0].strip() == "---":
+        end = next((i for i, line in enumerate(lines[1:], 1) if line.strip() == "---"), 0)
+        lines = lines[end + 1 :]
+    return next((line.strip() for line in lines if line.strip() and not line.startswith("#")), "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m composer", description="Combine diffusion models from a recipe."
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow loading pickle weights (.ckpt/.bin/.pt), which can run code",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="run a recipe and write PNGs")
+    gen.add_argument("recipe", help="recipe JSON file, or - for stdin")
+    gen.add_argument("--out", required=True, help="folder for 00000.png, 00001.png, ...")
+    gen.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. --set sampler.seed=3 (repeatable)",
+    )
+    gen.set_defaults(run=_generate)
+    info = sub.add_parser("info", help="print the recipe stored in a PNG")
+    info.add_argument("image")
+    info.set_defaults(run=_info)
+    models = sub.add_parser("models", help="list the bundled models, LoRAs and aggregators")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(run=_models)
+    args = parser.parse_args(argv)
+    from composer.registry import quiet_libraries
+
+    quiet_libraries()
+    if args.allow_pickle:
+        os.environ["COMPOSER_ALLOW_PICKLE"] = "1"
+    try:
+        return args.run(args)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

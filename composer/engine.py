@@ -1,0 +1,153 @@
+"""Recipe → images, their PNG metadata and a per-step trace.
+
+``generate`` runs a validated ``Recipe``: it resolves the experts through the registry, leases the
+cached pipeline (so this request's LoRAs are the only active ones), builds a request-local
+pipeline with its own scheduler over the shared modules (schedulers are not thread-safe) and samples
+each image with its own generator seeded ``seed + i``. Images are made one at a time so that image
+``i`` of a batch is bit-for-bit the image that its own PNG's recipe (seed ``seed + i``, one image)
+makes again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from composer import registry
+from composer.pnginfo import png_info
+from composer.recipe import Recipe, RecipeError
+from composer.schedulers import make_scheduler
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``: steps done so far over all images of the request."""
+
+
+class Cancelled(Exception):
+    """The request was cancelled; ``images`` holds those finished before the cancel."""
+
+    def __init__(self, images: list[Image.Image]):
+        super().__init__(f"cancelled after {len(images)} image(s)")
+        self.images = images
+
+
+@dataclass
+class Result:
+    recipe: Recipe
+    images: list[Image.Image]
+    seeds: list[int]
+    seconds: list[float]
+    trace: list[list[dict]] = field(default_factory=list)
+    """One list per image, one dict per step: ``{"step", "timestep"}`` (+ method extras)."""
+    metadata: list = field(default_factory=list)
+    """One ``PngInfo`` per image (``composer_recipe`` + A1111 ``parameters``)."""
+    device: str = ""
+
+
+IMPLEMENTED = ("single",)
+
+
+def generate(
+    recipe: Recipe,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    cache: registry.ModelCache | None = None,
+) -> Result:
+    """Run ``recipe``. Raises ``RecipeError`` for what the user must change and ``Cancelled``
+    when ``cancel`` is set."""
+    if recipe.method not in IMPLEMENTED:
+        raise RecipeError(
+            f"method: {recipe.method!r} is not available yet; available: " + ", ".join(IMPLEMENTED)
+        )
+    cache = cache or registry.CACHE
+    expert = recipe.experts[0]
+    source = registry.resolve_model(expert.model, "experts[0].model")
+    loras = [
+        (registry.resolve_lora(lo.path, f"experts[0].loras[{j}].path"), lo.weight)
+        for j, lo in enumerate(expert.loras)
+    ]
+    with cache.lease(source) as lease:
+        lease.use_loras(loras)
+        return _sample_single(recipe, lease.pipe, source, progress, cancel)
+
+
+def native_size(pipe) -> tuple[int, int]:
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return side, side
+
+
+def _sample_single(
+    recipe: Recipe,
+    shared_pipe,
+    source: registry.Source,
+    progress: Progress | None,
+    cancel: threading.Event | None,
+) -> Result:
+    s = recipe.sampler
+    pipe = type(shared_pipe).from_pipe(
+        shared_pipe, scheduler=make_scheduler(s.scheduler, shared_pipe.scheduler.config)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    native_width, native_height = native_size(pipe)
+    width, height = s.width or native_width, s.height or native_height
+    total = s.steps * s.num_images
+    images, seeds, seconds, trace = [], [], [], []
+    for i in range(s.num_images):
+        steps: list[dict] = []
+
+        def on_step(p, step, timestep, kwargs, i=i, steps=steps):
+            steps.append({"step": step + 1, "timestep": float(timestep)})
+            if progress is not None:
+                progress(i * s.steps + step + 1, total)
+            if cancel is not None and cancel.is_set():
+                p._interrupt = True
+            return kwargs
+
+        seed = s.seed + i
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        start = time.perf_counter()
+        image = pipe(
+            prompt=recipe.expert_prompt(0),
+            negative_prompt=recipe.negative_prompt or None,
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance_scale,
+            width=width,
+            height=height,
+            generator=generator,
+            callback_on_step_end=on_step,
+        ).images[0]
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(images)
+        seconds.append(time.perf_counter() - start)
+        images.append(image)
+        seeds.append(seed)
+        trace.append(steps)
+    model_hashes, lora_hashes = _hashes(recipe, source)
+    metadata = [png_info(recipe, i, model_hashes, lora_hashes) for i in range(len(images))]
+    return Result(
+        recipe=recipe,
+        images=images,
+        seeds=seeds,
+        seconds=seconds,
+        trace=trace,
+        metadata=metadata,
+        device=str(pipe.device),
+    )
+
+
+def _hashes(recipe: Recipe, source: registry.Source) -> tuple[dict, dict]:
+    model_hashes = {}
+    path = registry.model_file(source)
+    if path is not None:
+        model_hashes[source.reference] = registry.file_sha256(path)
+    lora_hashes = {}
+    for e in recipe.experts:
+        for lo in e.loras:
+            resolved = registry.resolve_lora(lo.path)
+            if not registry.looks_like_hub_id(resolved):
+                lora_hashes[lo.path] = registry.file_sha256(resolved, body_only=True)
+    return model_hashes, lora_hashes

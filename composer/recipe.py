@@ -1,0 +1,554 @@
+"""The recipe, version 1: one JSON object that describes one generation (../shared/RECIPE.md).
+
+``parse`` is the one door into the engine: it checks every field once and raises ``RecipeError``
+with a message that names the field, the value and what would be accepted. Everything after it
+(engine, CLI, page, PNG metadata, links) trusts a ``Recipe`` and never re-checks it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+VERSION = 1
+METHODS = ("single", "merge", "superpose", "aggregate")
+MERGE_METHODS = (
+    "weighted_sum",
+    "add_difference",
+    "task_arithmetic",
+    "slerp",
+    "ties",
+    "dare",
+    "dare_ties",
+    "model_stock",
+    "consensus",
+)
+SUPERPOSE_MODES = ("or", "and")
+MAX_EXPERTS = 8
+MAX_LORAS = 8
+MAX_STEPS = 150
+MAX_SIDE = 2048
+MAX_IMAGES = 16
+MAX_PROMPT = 2000
+MAX_SEED = 2**32 - 1
+
+# diffusers-style scheduler names, and the AUTOMATIC1111 names that mean the same sampler
+# (../shared/FIELD_NOTES.md); the first A1111 name of a scheduler is the one PNG metadata shows.
+SCHEDULERS = (
+    "euler",
+    "euler_a",
+    "ddim",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_2m_sde",
+    "dpmpp_2m_sde_karras",
+    "dpmpp_sde",
+    "dpm2",
+    "dpm2_a",
+    "heun",
+    "lms",
+    "unipc",
+    "ddpm",
+    "pndm",
+)
+A1111_SAMPLERS = {
+    "Euler": "euler",
+    "Euler a": "euler_a",
+    "DDIM": "ddim",
+    "DPM++ 2M": "dpmpp_2m",
+    "DPM++ 2M Karras": "dpmpp_2m_karras",
+    "DPM++ 2M SDE": "dpmpp_2m_sde",
+    "DPM++ 2M SDE Karras": "dpmpp_2m_sde_karras",
+    "DPM++ SDE": "dpmpp_sde",
+    "DPM2": "dpm2",
+    "DPM2 a": "dpm2_a",
+    "Heun": "heun",
+    "LMS": "lms",
+    "UniPC": "unipc",
+    "DDPM": "ddpm",
+    "PLMS": "pndm",
+}
+_A1111_LOWER = {name.lower(): key for name, key in A1111_SAMPLERS.items()}
+
+
+class RecipeError(ValueError):
+    """A mistake in what a user asked for. Its message is shown to the user as it is."""
+
+
+@dataclass(frozen=True)
+class Lora:
+    path: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Expert:
+    model: str
+    loras: tuple[Lora, ...] = ()
+    prompt: str | None = None
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Sampler:
+    scheduler: str = "euler"
+    steps: int = 20
+    guidance_scale: float = 5.0
+    seed: int = 0
+    width: int | None = None
+    height: int | None = None
+    num_images: int = 1
+
+
+@dataclass(frozen=True)
+class Merge:
+    method: str = "weighted_sum"
+    base: str | None = None
+    density: float = 0.2
+    lambda_: float = 1.0
+    seed: int = 0
+    block_weights: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Superpose:
+    mode: str = "or"
+    temperature: float = 1.0
+    bias: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    aggregator: str | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    prompt: str
+    experts: tuple[Expert, ...]
+    negative_prompt: str = ""
+    method: str = "single"
+    sampler: Sampler = field(default_factory=Sampler)
+    merge: Merge | None = None
+    superpose: Superpose | None = None
+    aggregate: Aggregate | None = None
+    version: int = VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form of ../shared/RECIPE.md; absent method sections stay absent."""
+        out: dict[str, Any] = {
+            "version": self.version,
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "method": self.method,
+            "experts": [
+                {
+                    "model": e.model,
+                    "loras": [asdict(lo) for lo in e.loras],
+                    "prompt": e.prompt,
+                    "weight": e.weight,
+                }
+                for e in self.experts
+            ],
+        }
+        if self.merge is not None:
+            merge = asdict(self.merge)
+            merge["lambda"] = merge.pop("lambda_")
+            merge["block_weights"] = _listed(merge["block_weights"])
+            out["merge"] = merge
+        if self.superpose is not None:
+            out["superpose"] = {**asdict(self.superpose), "bias": _listed(self.superpose.bias)}
+        if self.aggregate is not None:
+            out["aggregate"] = asdict(self.aggregate)
+        out["sampler"] = asdict(self.sampler)
+        return out
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+    def expert_prompt(self, i: int) -> str:
+        prompt = self.experts[i].prompt
+        return self.prompt if prompt is None else prompt
+
+
+def _listed(values: tuple[float, ...] | None) -> list[float] | None:
+    return None if values is None else list(values)
+
+
+# --- validation -------------------------------------------------------------------------------
+
+ModelCheck = Callable[[str, str, str], None]
+"""``check(kind, reference, where)`` raises ``RecipeError`` when a model/LoRA/aggregator reference
+does not resolve; ``kind`` is "model", "lora" or "aggregator". The registry provides the real one."""
+
+
+def parse(data: dict | str, check: ModelCheck | None = None) -> Recipe:
+    """Validate ``data`` (a dict or JSON text) and return a ``Recipe``.
+
+    ``check`` resolves model references (``composer.registry.check_reference``); without it only
+    the form of each reference is checked, which is what reading a PNG from elsewhere needs.
+    """
+    if isinstance(data, (str, bytes)):
+        try:
+            data = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RecipeError(f"recipe: not valid JSON ({e})") from None
+    obj = _Fields("recipe", data)
+    version = obj.integer("version", default=VERSION, low=VERSION, high=VERSION)
+    prompt = obj.text("prompt", required=True)
+    negative = obj.text("negative_prompt", default="")
+    method = obj.choice("method", METHODS, default="single")
+    experts = tuple(
+        _expert(f"experts[{i}]", e)
+        for i, e in enumerate(obj.array("experts", required=True, low=1, high=MAX_EXPERTS))
+    )
+    merge = _merge(obj.section("merge"), len(experts))
+    superpose = _superpose(obj.section("superpose"), len(experts))
+    aggregate = _aggregate(obj.section("aggregate"))
+    sampler = _sampler(obj.section("sampler") or _Fields("sampler", {}))
+    obj.done()
+
+    wanted = {
+        "single": (1, 1),
+        "merge": (2, MAX_EXPERTS),
+        "superpose": (2, MAX_EXPERTS),
+        "aggregate": (2, MAX_EXPERTS),
+    }[method]
+    if not wanted[0] <= len(experts) <= wanted[1]:
+        need = (
+            "exactly 1 expert" if wanted[0] == wanted[1] else f"{wanted[0]} to {wanted[1]} experts"
+        )
+        raise RecipeError(f"experts: method '{method}' needs {need}, got {len(experts)}")
+    recipe = Recipe(
+        prompt=prompt,
+        negative_prompt=negative,
+        method=method,
+        experts=experts,
+        sampler=sampler,
+        merge=merge,
+        superpose=superpose,
+        aggregate=aggregate,
+        version=version,
+    )
+    if check is not None:
+        for i, e in enumerate(recipe.experts):
+            check("model", e.model, f"experts[{i}].model")
+            for j, lo in enumerate(e.loras):
+                check("lora", lo.path, f"experts[{i}].loras[{j}].path")
+        if merge is not None and merge.base is not None:
+            check("model", merge.base, "merge.base")
+        if aggregate is not None and aggregate.aggregator is not None:
+            check("aggregator", aggregate.aggregator, "aggregate.aggregator")
+    return recipe
+
+
+def _expert(where: str, data: Any) -> Expert:
+    obj = _Fields(where, data)
+    model = obj.reference("model", required=True)
+    loras = tuple(
+        _lora(f"{where}.loras[{j}]", lo)
+        for j, lo in enumerate(obj.array("loras", default=[], high=MAX_LORAS))
+    )
+    prompt = obj.text("prompt", default=None, nullable=True)
+    weight = obj.number("weight", default=1.0, low=-10.0, high=10.0)
+    obj.done()
+    return Expert(model=model, loras=loras, prompt=prompt, weight=weight)
+
+
+def _lora(where: str, data: Any) -> Lora:
+    obj = _Fields(where, data)
+    lora = Lora(
+        path=obj.reference("path", required=True),
+        weight=obj.number("weight", default=1.0, low=-10.0, high=10.0),
+    )
+    obj.done()
+    return lora
+
+
+def _merge(obj: _Fields | None, n_experts: int) -> Merge | None:
+    if obj is None:
+        return None
+    merge = Merge(
+        method=obj.choice("method", MERGE_METHODS, default="weighted_sum"),
+        base=obj.reference("base", default=None, nullable=True),
+        density=obj.number("density", default=0.2, low=0.0, high=1.0),
+        lambda_=obj.number("lambda", default=1.0, low=-10.0, high=10.0),
+        seed=obj.integer("seed", default=0, low=0, high=MAX_SEED),
+        block_weights=obj.numbers("block_weights", default=None, low=-10.0, high=10.0),
+    )
+    obj.done()
+    return merge
+
+
+def _superpose(obj: _Fields | None, n_experts: int) -> Superpose | None:
+    if obj is None:
+        return None
+    superpose = Superpose(
+        mode=obj.choice("mode", SUPERPOSE_MODES, default="or"),
+        temperature=obj.number("temperature", default=1.0, low=1e-3, high=100.0),
+        bias=obj.numbers("bias", default=None, low=-50.0, high=50.0, length=n_experts),
+    )
+    obj.done()
+    return superpose
+
+
+def _aggregate(obj: _Fields | None) -> Aggregate | None:
+    if obj is None:
+        return None
+    aggregate = Aggregate(aggregator=obj.reference("aggregator", default=None, nullable=True))
+    obj.done()
+    return aggregate
+
+
+def _sampler(obj: _Fields) -> Sampler:
+    sampler = Sampler(
+        scheduler=obj.scheduler("scheduler", default="euler"),
+        steps=obj.integer("steps", default=20, low=1, high=MAX_STEPS),
+        guidance_scale=obj.number("guidance_scale", default=5.0, low=0.0, high=50.0),
+        seed=obj.integer("seed", default=0, low=0, high=MAX_SEED),
+        width=obj.side("width"),
+        height=obj.side("height"),
+        num_images=obj.integer("num_images", default=1, low=1, high=MAX_IMAGES),
+    )
+    obj.done()
+    return sampler
+
+
+def a1111_sampler_name(scheduler: str) -> str:
+    return next(name for name, key in A1111_SAMPLERS.items() if key == scheduler)
+
+
+def normalize_scheduler(name: str) -> str | None:
+    """``"DPM++ 2M Karras"`` → ``"dpmpp_2m_karras"``; ``None`` when the name means nothing."""
+    key = " ".join(name.strip().lower().split())
+    if key in _A1111_LOWER:
+        return _A1111_LOWER[key]
+    key = key.replace(" ", "_").replace("-", "_")
+    return key if key in SCHEDULERS else None
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_MISSING = object()
+
+
+def looks_like_hub_id(reference: str) -> bool:
+    return bool(_HUB_ID.match(reference)) and ".." not in reference
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if _jsonable(value) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+class _Fields:
+    """Reads the fields of one JSON object, each with its own check, and remembers which were
+    read so that ``done`` can name a field nobody asked for (usually a typo)."""
+
+    def __init__(self, where: str, data: Any):
+        if not isinstance(data, dict):
+            raise RecipeError(f"{where}: expected a JSON object, got {_show(data)}")
+        self.where, self.data, self.read = where, data, set()
+
+    def _get(self, key: str, default: Any, required: bool) -> Any:
+        self.read.add(key)
+        if key in self.data:
+            return self.data[key]
+        if required:
+            raise RecipeError(f"{self.where}.{key}: missing; this field is required")
+        return _MISSING if default is _MISSING else default
+
+    def _fail(self, key: str, value: Any, accepted: str) -> RecipeError:
+        return RecipeError(
+            f"{self.where}.{key}: {_show(value)} is not accepted; expected {accepted}"
+        )
+
+    def done(self) -> None:
+        extra = sorted(str(k) for k in self.data if k not in self.read)
+        if extra:
+            raise RecipeError(
+                f"{self.where}: unknown field {_show(extra[0])}; accepted fields: "
+                + ", ".join(sorted(self.read))
+            )
+
+    def text(
+        self, key: str, default: Any = _MISSING, required: bool = False, nullable: bool = False
+    ) -> Any:
+        value = self._get(key, default, required)
+        if value is None and nullable:
+            return None
+        if not isinstance(value, str) or len(value) > MAX_PROMPT or "\x00" in value:
+            raise self._fail(
+                key,
+                value,
+                f"a string of at most {MAX_PROMPT} characters" + (" or null" if nullable else ""),
+            )
+        return value
+
+    def choice(self, key: str, options: tuple[str, ...], default: str) -> str:
+        value = self._get(key, default, False)
+        if value not in options:
+            raise self._fail(key, value, "one of " + ", ".join(options))
+        return value
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        value = self._get(key, default, False)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self._fail(key, value, f"a whole number from {low} to {high}")
+        return value
+
+    def number(self, key: str, default: float, low: float, high: float) -> float:
+        value = self._get(key, default, False)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not low <= value <= high
+        ):
+            raise self._fail(key, value, f"a finite number from {low:g} to {high:g}")
+        return float(value)
+
+    def numbers(
+        self, key: str, default: Any, low: float, high: float, length: int | None = None
+    ) -> tuple[float, ...] | None:
+        value = self._get(key, default, False)
+        if value is None:
+            return None
+        what = (
+            f"null or a list of {length} " if length else "null or a list of "
+        ) + f"finite numbers from {low:g} to {high:g}"
+        if (
+            not isinstance(value, list)
+            or (length is not None and len(value) != length)
+            or len(value) > 64
+        ):
+            raise self._fail(key, value, what)
+        for v in value:
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or not low <= v <= high
+            ):
+                raise self._fail(key, value, what)
+        return tuple(float(v) for v in value)
+
+    def array(
+        self,
+        key: str,
+        default: Any = _MISSING,
+        required: bool = False,
+        low: int = 0,
+        high: int = 64,
+    ) -> list:
+        value = self._get(key, default, required)
+        if not isinstance(value, list) or not low <= len(value) <= high:
+            raise self._fail(key, value, f"a list of {low} to {high} entries")
+        return value
+
+    def section(self, key: str) -> _Fields | None:
+        value = self._get(key, None, False)
+        return (
+            None
+            if value is None
+            else _Fields(f"{self.where}.{key}" if self.where != "recipe" else key, value)
+        )
+
+    def reference(
+        self, key: str, default: Any = _MISSING, required: bool = False, nullable: bool = False
+    ) -> Any:
+        value = self._get(key, default, required)
+        if value is None and nullable:
+            return None
+        if not isinstance(value, str) or not value.strip() or len(value) > 1024 or "\x00" in value:
+            raise self._fail(
+                key,
+                value,
+                "a bundled name, a local path or a Hub id" + (" (or null)" if nullable else ""),
+            )
+        return value.strip()
+
+    def scheduler(self, key: str, default: str) -> str:
+        value = self._get(key, default, False)
+        name = normalize_scheduler(value) if isinstance(value, str) else None
+        if name is None:
+            raise self._fail(
+                key,
+                value,
+                "one of " + ", ".join(SCHEDULERS) + ' (or an AUTOMATIC1111 name such as "Euler a")',
+            )
+        return name
+
+    def side(self, key: str) -> int | None:
+        value = self._get(key, None, False)
+        if value is None:
+            return None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not 16 <= value <= MAX_SIDE
+            or value % 8
+        ):
+            raise self._fail(
+                key,
+                value,
+                f"null (the model's native size) or a multiple of 8 from 16 to {MAX_SIDE}",
+            )
+        return value
+
+
+def apply_overrides(data: dict, assignments: list[str]) -> dict:
+    """Apply ``key.path=value`` assignments (the CLI's ``--set``) to a recipe dict, in place.
+
+    The value is read as JSON when it parses (``3``, ``null``, ``[0, 1.1]``), else as a string.
+    A list index is a number in the path: ``experts.0.model=toy-cool``.
+    """
+    for assignment in assignments:
+        path, sep, raw = assignment.partition("=")
+        if not sep or not path:
+            raise RecipeError(f"--set {assignment!r}: expected key.path=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node: Any = data
+        keys = path.split(".")
+        for k in keys[:-1]:
+            node = _step_into(node, k, path)
+        last = keys[-1]
+        if isinstance(node, list):
+            node[_index(node, last, path)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise RecipeError(f"--set {path}: {last!r} is inside a value, not an object")
+    return data
+
+
+def _step_into(node: Any, key: str, path: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, key, path)]
+    if not isinstance(node, dict):
+        raise RecipeError(f"--set {path}: {key!r} is inside a value, not an object")
+    return node.setdefault(key, {})
+
+
+def _index(node: list, key: str, path: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise RecipeError(f"--set {path}: {key!r} is not an index of a list of {len(node)}")
+    return int(key)

@@ -1,0 +1,401 @@
+"""Model references → loaded diffusers pipelines, with one process-wide cache.
+
+A reference is a bundled name (``toy-warm``, a folder under ``assets/models``), a local diffusers
+folder, a single-file ``.safetensors`` checkpoint, or a Hugging Face Hub id. LoRA references are a
+bundled name (``assets/loras``), a ``.safetensors`` file, a folder holding one, or a Hub id.
+
+Pickle files (``.ckpt``, ``.bin``, ``.pt``, ``.pth``) can run code when loaded, so they are refused
+unless ``COMPOSER_ALLOW_PICKLE=1`` is set (or the CLI's ``--allow-pickle``).
+
+The cache holds whole pipelines keyed by resolved location, evicts the least recently used when a
+memory budget (``COMPOSER_CACHE_GB``, default 12) is exceeded, and hands each request a
+``Lease``: the pipeline plus a lock that the request holds while it sets its own LoRA adapters and
+samples, so that two requests on one cached model never see each other's adapters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from composer.recipe import RecipeError, looks_like_hub_id
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+DEFAULT_MODEL = "toy-warm"
+
+
+def pickle_allowed() -> bool:
+    return os.environ.get("COMPOSER_ALLOW_PICKLE", "") in ("1", "true", "yes")
+
+
+def bundled(kind: str) -> dict[str, Path]:
+    """Bundled names of ``kind`` ("models", "loras" or "aggregators") → their folders."""
+    folder = ASSETS / kind
+    if not folder.is_dir():
+        return {}
+    return {
+        p.name: p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")
+    }
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a reference points: ``kind`` is bundled, folder, single_file or hub."""
+
+    reference: str
+    kind: str
+    location: str
+
+
+def resolve_model(reference: str, where: str = "model") -> Source:
+    models = bundled("models")
+    if reference in models:
+        return Source(reference, "bundled", str(models[reference]))
+    path = Path(reference).expanduser()
+    if _looks_like_path(reference) or path.exists():
+        if path.is_dir():
+            if (path / "model_index.json").is_file():
+                return Source(reference, "folder", str(path.resolve()))
+            raise RecipeError(
+                f"{where}: {reference!r} is a folder but not a diffusers pipeline "
+                "(it has no model_index.json)"
+            )
+        if path.is_file():
+            _check_weights_file(path, where)
+            return Source(reference, "single_file", str(path.resolve()))
+        raise RecipeError(f"{where}: {reference!r} does not exist")
+    if looks_like_hub_id(reference):
+        return Source(reference, "hub", reference)
+    raise RecipeError(
+        f"{where}: unknown model {reference!r}; expected a bundled model ("
+        + ", ".join(models)
+        + "), a diffusers folder, a .safetensors file or a Hub id (owner/name)"
+    )
+
+
+def resolve_lora(reference: str, where: str = "lora") -> str:
+    """A LoRA reference → the path of its weights file, or a Hub id."""
+    loras = bundled("loras")
+    if reference in loras:
+        return str(loras[reference] / LORA_FILE)
+    path = Path(reference).expanduser()
+    if _looks_like_path(reference) or path.exists():
+        if path.is_dir() and (path / LORA_FILE).is_file():
+            return str((path / LORA_FILE).resolve())
+        if path.is_file():
+            _check_weights_file(path, where)
+            return str(path.resolve())
+        raise RecipeError(
+            f"{where}: {reference!r} is not a LoRA file or a folder holding {LORA_FILE}"
+        )
+    if looks_like_hub_id(reference):
+        return reference
+    raise RecipeError(
+        f"{where}: unknown LoRA {reference!r}; expected a bundled LoRA ("
+        + ", ".join(loras)
+        + "), a .safetensors file or a Hub id (owner/name)"
+    )
+
+
+def resolve_aggregator(reference: str, where: str = "aggregator") -> str:
+    aggregators = bundled("aggregators")
+    if reference in aggregators:
+        return str(aggregators[reference])
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    raise RecipeError(
+        f"{where}: unknown aggregator {reference!r}; expected a bundled aggregator ("
+        + (", ".join(aggregators) or "none bundled yet")
+        + ") or a folder"
+    )
+
+
+def check_reference(kind: str, reference: str, where: str) -> None:
+    """The ``check`` that ``composer.recipe.parse`` calls for every reference in a recipe."""
+    {"model": resolve_model, "lora": resolve_lora, "aggregator": resolve_aggregator}[kind](
+        reference, where
+    )
+
+
+def _looks_like_path(reference: str) -> bool:
+    return (
+        reference.startswith(("/", "./", "../", "~"))
+        or reference.endswith((".safetensors", *PICKLE_SUFFIXES))
+        or (os.sep in reference and not looks_like_hub_id(reference))
+    )
+
+
+def _check_weights_file(path: Path, where: str) -> None:
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not pickle_allowed():
+            raise RecipeError(
+                f"{where}: {str(path)!r} is a pickle file ({suffix}), which can run code when "
+                "loaded; convert it to .safetensors, or allow pickle files explicitly with "
+                "COMPOSER_ALLOW_PICKLE=1 (CLI: --allow-pickle)"
+            )
+        return
+    if suffix != ".safetensors":
+        raise RecipeError(f"{where}: {str(path)!r} is not a .safetensors file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types for every kind of damage
+        raise RecipeError(
+            f"{where}: {str(path)!r} is not a readable .safetensors file ({e})"
+        ) from None
+
+
+# --- architectures -----------------------------------------------------------------------------
+
+
+def architecture(pipe) -> str:
+    """``sd1``, ``sd2`` or ``sdxl``: what decides whether latents and weights are compatible."""
+    unet = pipe.unet.config
+    if unet.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"
+
+
+def latent_signature(pipe) -> tuple:
+    """Two pipelines share a latent space when their VAEs have this same signature."""
+    vae = pipe.vae.config
+    return (vae.latent_channels, tuple(vae.block_out_channels), round(vae.scaling_factor, 6))
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """CUDA in fp16, else Apple MPS in fp16, else CPU in fp32 (ARCHITECTURE.md, device policy)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.float16
+    if torch.backends.mps.is_available():
+        return torch.device("mps"), torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def _pipeline_class(source: Source):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if source.kind == "single_file":
+        with safe_open(source.location, framework="pt") as f:
+            keys = f.keys()
+        is_xl = any(k.startswith("conditioner.embedders.1") for k in keys)
+        return StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    if source.kind == "hub":
+        return DiffusionPipeline
+    index = json.loads((Path(source.location) / "model_index.json").read_text())
+    return (
+        StableDiffusionXLPipeline
+        if "XL" in index.get("_class_name", "")
+        else StableDiffusionPipeline
+    )
+
+
+def load_pipeline(source: Source, device: torch.device, dtype: torch.dtype):
+    """Load a pipeline from ``source`` onto ``device``; every failure becomes a ``RecipeError``."""
+    cls = _pipeline_class(source)
+    safetensors_only = not pickle_allowed()
+    common = {"dtype": dtype}
+    if cls.__name__ == "StableDiffusionPipeline":
+        common.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        if source.kind == "single_file":
+            config = os.environ.get("COMPOSER_SINGLE_FILE_CONFIG")
+            pipe = cls.from_single_file(source.location, config=config, **common)
+        else:
+            pipe = cls.from_pretrained(
+                source.location,
+                use_safetensors=True if safetensors_only else None,
+                local_files_only=source.kind != "hub",
+                **common,
+            )
+    except OSError as e:
+        text = str(e)
+        if source.kind == "hub":
+            raise RecipeError(
+                f"model {source.reference!r}: could not be loaded from the Hugging Face Hub "
+                "(no network, a private or gated repository, or no such repository): "
+                + _first_line(text)
+            ) from None
+        if "safetensors" in text.lower() and safetensors_only:
+            raise RecipeError(
+                f"model {source.reference!r}: has no .safetensors weights; pickle weights are "
+                "refused unless COMPOSER_ALLOW_PICKLE=1"
+            ) from None
+        raise RecipeError(
+            f"model {source.reference!r}: could not be loaded: {_first_line(text)}"
+        ) from None
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise RecipeError(
+            f"model {source.reference!r}: could not be loaded: {_first_line(str(e))}"
+        ) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if device.type == "cpu" else pipe.to(device)
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers' and transformers' progress bars and advice for the CLI and the page,
+    where they would bury our own messages; a library user keeps their defaults."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "unknown error"
+    return line if len(line) < 300 else line[:297] + "..."
+
+
+def pipeline_bytes(pipe) -> int:
+    total = 0
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            total += sum(p.numel() * p.element_size() for p in module.parameters())
+    return total
+
+
+class Lease:
+    """One request's hold on a cached pipeline: activate this request's LoRAs, then sample."""
+
+    def __init__(self, entry: _Entry):
+        self.entry = entry
+        self.pipe = entry.pipe
+
+    def use_loras(self, loras: list[tuple[str, float]]) -> None:
+        """Make exactly ``loras`` (resolved path or Hub id, strength) active on the pipeline.
+
+        Adapters stay loaded between requests (loading is the slow part), under names derived from
+        the file, and are switched with ``set_adapters``; an adapter not named here is inactive.
+        """
+        pipe = self.pipe
+        if not loras:
+            if self.entry.adapters:
+                pipe.disable_lora()
+            return
+        names = []
+        for path, _ in loras:
+            name = self.entry.adapters.get(path)
+            if name is None:
+                name = (
+                    f"lora_{len(self.entry.adapters)}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+                )
+                try:
+                    pipe.load_lora_weights(path, adapter_name=name)
+                except (OSError, ValueError, KeyError, RuntimeError) as e:
+                    raise RecipeError(
+                        f"LoRA {path!r} could not be applied to this model: {_first_line(str(e))}"
+                    ) from None
+                self.entry.adapters[path] = name
+            names.append(name)
+        pipe.enable_lora()
+        pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
+
+
+@dataclass
+class _Entry:
+    pipe: object
+    nbytes: int
+    lock: threading.Lock
+    adapters: dict
+
+
+class ModelCache:
+    """Loaded pipelines by resolved location; least recently used evicted over the budget."""
+
+    def __init__(self, budget_bytes: int | None = None):
+        gb = float(os.environ.get("COMPOSER_CACHE_GB", "12"))
+        self.budget = budget_bytes if budget_bytes is not None else int(gb * 2**30)
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def __contains__(self, location: str) -> bool:
+        return location in self._entries
+
+    @contextmanager
+    def lease(self, source: Source) -> Iterator[Lease]:
+        """Hold the cached pipeline for ``source`` (loading it if needed) for one request."""
+        entry = self._get(source)
+        with entry.lock:
+            yield Lease(entry)
+
+    def _get(self, source: Source) -> _Entry:
+        with self._lock:
+            entry = self._entries.get(source.location)
+            if entry is not None:
+                self._entries.move_to_end(source.location)
+                return entry
+        device, dtype = pick_device()
+        pipe = load_pipeline(source, device, dtype)
+        with self._lock:
+            entry = self._entries.get(source.location)
+            if entry is None:
+                entry = _Entry(pipe, pipeline_bytes(pipe), threading.Lock(), {})
+                self._entries[source.location] = entry
+                self.loads += 1
+                self._evict(keep=source.location)
+            return entry
+
+    def _evict(self, keep: str) -> None:
+        while (
+            sum(e.nbytes for e in self._entries.values()) > self.budget and len(self._entries) > 1
+        ):
+            oldest = next(k for k in self._entries if k != keep)
+            del self._entries[oldest]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+CACHE = ModelCache()
+
+
+def file_sha256(path: str | Path, body_only: bool = False) -> str:
+    """sha256 of a file, or of a safetensors file's body after its header (the LoRA hash that
+    AUTOMATIC1111 and Civitai show). Cached by (path, size, mtime): checkpoints are gigabytes."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, body_only)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            if body_only:
+                header = int.from_bytes(f.read(8), "little")
+                f.seek(8 + header)
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def model_file(source: Source) -> Path | None:
+    """The file whose hash identifies a model (the U-Net weights of a folder)."""
+    if source.kind == "single_file":
+        return Path(source.location)
+    if source.kind in ("bundled", "folder"):
+        unet = Path(source.location) / "unet" / "diffusion_pytorch_model.safetensors"
+        return unet if unet.is_file() else None
+    return None
