@@ -182,8 +182,8 @@ def _listed(values: tuple[float, ...] | None) -> list[float] | None:
 # --- validation -------------------------------------------------------------------------------
 
 ModelCheck = Callable[[str, str, str], None]
-"""``check(kind, reference, where)`` raises ``RecipeError`` when a model/LoRA/aggregator reference
-does not resolve; ``kind`` is "model", "lora" or "aggregator". The registry provides the real one."""
+"""``check(kind, reference, where)`` raises ``RecipeError`` when a reference does not resolve;
+``kind`` is "model", "lora" or "aggregator". ``composer.registry`` provides the real one."""
 
 
 def parse(data: dict | str, check: ModelCheck | None = None) -> Recipe:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from composer.ldm_format import CONFIG_KEY
 from composer.recipe import RecipeError, looks_like_hub_id
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -192,6 +193,8 @@ def _pipeline_class(source: Source):
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if source.kind == "single_file":
+        if not source.location.endswith(".safetensors"):
+            return StableDiffusionPipeline  # an allowed pickle file: no cheap look inside
         with safe_open(source.location, framework="pt") as f:
             keys = f.keys()
         is_xl = any(k.startswith("conditioner.embedders.1") for k in keys)
@@ -206,6 +209,26 @@ def _pipeline_class(source: Source):
     )
 
 
+def single_file_config(source: Source) -> str | None:
+    """The diffusers folder whose configs a single-file checkpoint is read with, offline.
+
+    In order: the folder or bundled model named in the file's ``__metadata__`` (our exports write
+    it), then ``COMPOSER_SINGLE_FILE_CONFIG``; ``None`` lets diffusers fetch the standard configs
+    for the detected architecture from the Hub, which needs a network.
+    """
+    named = None
+    if source.location.endswith(".safetensors"):
+        with safe_open(source.location, framework="pt") as f:
+            named = (f.metadata() or {}).get(CONFIG_KEY)
+    if named:
+        models = bundled("models")
+        if named in models:
+            return str(models[named])
+        if (Path(named) / "model_index.json").is_file():
+            return named
+    return os.environ.get("COMPOSER_SINGLE_FILE_CONFIG") or None
+
+
 def load_pipeline(source: Source, device: torch.device, dtype: torch.dtype):
     """Load a pipeline from ``source`` onto ``device``; every failure becomes a ``RecipeError``."""
     cls = _pipeline_class(source)
@@ -213,10 +236,12 @@ def load_pipeline(source: Source, device: torch.device, dtype: torch.dtype):
     common = {"dtype": dtype}
     if cls.__name__ == "StableDiffusionPipeline":
         common.update(safety_checker=None, requires_safety_checker=False)
+    config = single_file_config(source) if source.kind == "single_file" else None
     try:
         if source.kind == "single_file":
-            config = os.environ.get("COMPOSER_SINGLE_FILE_CONFIG")
-            pipe = cls.from_single_file(source.location, config=config, **common)
+            pipe = cls.from_single_file(
+                source.location, config=config, local_files_only=config is not None, **common
+            )
         else:
             pipe = cls.from_pretrained(
                 source.location,
@@ -226,6 +251,12 @@ def load_pipeline(source: Source, device: torch.device, dtype: torch.dtype):
             )
     except OSError as e:
         text = str(e)
+        if source.kind == "single_file" and config is None:
+            raise RecipeError(
+                f"model {source.reference!r}: reading a single-file checkpoint needs the configs "
+                "of its architecture; with no network, set COMPOSER_SINGLE_FILE_CONFIG to a "
+                f"diffusers folder of the same architecture ({_first_line(text)})"
+            ) from None
         if source.kind == "hub":
             raise RecipeError(
                 f"model {source.reference!r}: could not be loaded from the Hugging Face Hub "
