@@ -217,7 +217,7 @@ def build() -> gr.Blocks:
                     cfg = gr.Slider(0, 20, value=5.0, step=0.5, label="CFG scale")
                 with gr.Row():
                     seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=2**32 - 1)
-                    dice = gr.Button("🎲", scale=0, min_width=40)
+                    dice = gr.Button("Random", scale=0, min_width=80)
                     count = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images")
                 with gr.Row():
                     width = gr.Slider(0, 2048, value=0, step=8, label="Width (0 = model's own)")

@@ -35,6 +35,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 DEFAULT_MODEL = "toy-warm"
+MAX_ADAPTERS = 8
 
 
 def pickle_allowed() -> bool:
@@ -326,6 +327,7 @@ class Lease:
         for path, _ in loras:
             name = self.entry.adapters.get(path)
             if name is None:
+                self._make_room(keep={p for p, _ in loras})
                 name = (
                     f"lora_{len(self.entry.adapters)}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
                 )
@@ -339,6 +341,15 @@ class Lease:
             names.append(name)
         pipe.enable_lora()
         pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
+
+    def _make_room(self, keep: set[str]) -> None:
+        """Delete the oldest loaded adapters beyond ``MAX_ADAPTERS`` (repeated LoRA swaps grow
+        memory otherwise: diffusers#8532, peft#1639)."""
+        for path in list(self.entry.adapters):
+            if len(self.entry.adapters) < MAX_ADAPTERS:
+                break
+            if path not in keep:
+                self.pipe.delete_adapters(self.entry.adapters.pop(path))
 
 
 @dataclass

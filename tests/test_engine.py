@@ -166,3 +166,21 @@ def test_methods_not_yet_available_are_refused_with_a_message(tiny_sd1):
 def test_lora_for_another_architecture_is_a_recipe_error(tiny_sdxl, tiny_lora, cache):
     with pytest.raises(RecipeError, match="could not be applied"):
         run(tiny_sdxl, [(tiny_lora, 1.0)], cache=cache)
+
+
+def test_loaded_adapters_are_capped_and_evicted_ones_reload(tiny_sd1, tiny_lora, tmp_path,
+                                                             monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(registry, "MAX_ADAPTERS", 2)
+    copies = []
+    for k in range(3):
+        copies.append(str(tmp_path / f"copy{k}.safetensors"))
+        shutil.copy(tiny_lora, copies[-1])
+    cache = registry.ModelCache()
+    first = pixels(run(tiny_sd1, [(copies[0], 1.0)], cache=cache))
+    for path in copies[1:]:
+        run(tiny_sd1, [(path, 1.0)], cache=cache)
+    entry = cache._entries[registry.resolve_model(tiny_sd1).location]
+    assert len(entry.adapters) == 2 and copies[0] not in entry.adapters
+    assert np.array_equal(pixels(run(tiny_sd1, [(copies[0], 1.0)], cache=cache)), first)
