@@ -1,0 +1,451 @@
+"""Train the toy zoo: one VAE and one text encoder shared by every model, a base U-Net, two
+fine-tunes and two LoRAs. ``python -m toyworld.train all --out assets`` runs every stage that has
+no output yet, so an interrupted run resumes by running the same command again.
+
+Stages (each writes one folder under ``--out``; see toyworld/README.md for commands and times):
+
+- ``vae``: an ``AutoencoderKL`` (3 levels, 32×32×3 → 8×8×4) trained on every colour and shape
+  (MSE + a small KL term), so that every model's latents live in one space. The text encoder is a
+  2-layer ``CLIPTextModel`` with random, seeded, frozen weights: its outputs already tell the
+  words apart, and freezing it once keeps every model's prompts compatible.
+- ``base``: a ``UNet2DConditionModel`` trained from scratch on gray circles, squares and triangles.
+- ``warm`` / ``cool``: fine-tunes of the base on red+yellow / green+blue shapes.
+- ``purple`` / ``star``: PEFT LoRAs on the base U-Net (purple shapes / gray stars).
+
+Every caption is drawn from ``toyworld.captions.captions`` (full and partial) and replaced by the
+empty prompt 10 % of the time, so classifier-free guidance works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.training_utils import EMAModel
+from toyworld.captions import captions
+from toyworld.render import COLORS, NATIVE_SIZE, render_batch
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from toyworld.tokenizer import save_tokenizer
+
+PLAIN_SHAPES = ("circle", "square", "triangle")
+TOKENS = 16  # longest toy caption ("a red circle and a blue square on the left") + 2
+
+
+@dataclass(frozen=True)
+class Domain:
+    """What one model or LoRA of the zoo is trained on."""
+
+    colors: tuple[str, ...]
+    shapes: tuple[str, ...]
+
+
+DOMAINS = {
+    "base": Domain(("gray",), PLAIN_SHAPES),
+    "warm": Domain(("red", "yellow"), PLAIN_SHAPES),
+    "cool": Domain(("green", "blue"), PLAIN_SHAPES),
+    "purple": Domain(("purple",), PLAIN_SHAPES),
+    "star": Domain(("gray",), ("star",)),
+}
+MODEL_NAMES = {"base": "toy-base", "warm": "toy-warm", "cool": "toy-cool"}
+LORA_NAMES = {"purple": "toy-purple", "star": "toy-star"}
+SHARED = ("vae", "text_encoder", "tokenizer", "scheduler")
+TRAIN_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
+
+
+def make_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=NATIVE_SIZE,
+        mid_block_add_attention=False,
+    )
+
+
+def make_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TOKENS,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=64,
+    )
+    return CLIPTextModel(config).eval().requires_grad_(False)
+
+
+def make_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=NATIVE_SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def render_domain(domain: Domain, n: int, seed: int) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """``n`` images of ``domain`` as a float tensor in [-1, 1] (N, 3, H, W), and their labels."""
+    rng = np.random.default_rng(seed)
+    pairs = [(str(rng.choice(domain.colors)), str(rng.choice(domain.shapes))) for _ in range(n)]
+    seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=n)]
+    pixels = render_batch([(shape, color) for color, shape in pairs], seeds)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return images, pairs
+
+
+def draw_captions(
+    pairs: list[tuple[str, str]], rng: np.random.Generator, drop: float = 0.1
+) -> list[str]:
+    out = []
+    for color, shape in pairs:
+        out.append("" if rng.random() < drop else str(rng.choice(captions(color, shape))))
+    return out
+
+
+def train_vae(out: Path, steps: int, batch: int, seed: int, log) -> dict:
+    """Train the shared VAE and write ``out/vae``, ``out/text_encoder``, ``out/tokenizer``."""
+    accelerator = Accelerator()
+    torch.manual_seed(seed)
+    everything = Domain(COLORS, ("circle", "square", "triangle", "star"))
+    images, _ = render_domain(everything, 24_000, seed)
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    vae, opt = accelerator.prepare(vae, opt)
+    gen = torch.Generator().manual_seed(seed)
+    start = time.time()
+    for step in range(steps):
+        x = images[torch.randint(len(images), (batch,), generator=gen)].to(accelerator.device)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = mse + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} mse {mse.item():.5f} kl {kl.item():.3f}")
+    seconds = time.time() - start
+    vae = accelerator.unwrap_model(vae).eval()
+    with torch.no_grad():
+        sample = images[:2048].to(accelerator.device)
+        latents = torch.cat([vae.encode(c).latent_dist.mean for c in sample.split(256)])
+        recon_mse = float(
+            torch.cat(
+                [
+                    F.mse_loss(vae.decode(z).sample, c, reduction="none").flatten(1).mean(1)
+                    for z, c in zip(latents.split(256), sample.split(256), strict=False)
+                ]
+            ).mean()
+        )
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae.cpu().save_pretrained(out / "vae")
+    tokenizer = save_tokenizer(out / "tokenizer", model_max_length=TOKENS)
+    make_text_encoder(len(tokenizer), seed).save_pretrained(out / "text_encoder")
+    return {
+        "steps": steps,
+        "batch": batch,
+        "seconds": round(seconds, 1),
+        "images": len(images),
+        "recon_mse": round(recon_mse, 5),
+        "scaling_factor": vae.config.scaling_factor,
+        "device": describe_device(accelerator.device),
+    }
+
+
+@torch.no_grad()
+def encode_latents(
+    vae: AutoencoderKL, images: torch.Tensor, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for chunk in images.split(512):
+        dist = vae.encode(chunk.to(device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def encode_prompts(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]
+) -> torch.Tensor:
+    ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+def train_unet(
+    shared: Path,
+    domain: Domain,
+    init: Path | None,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    lora_rank: int | None,
+    log,
+) -> tuple[UNet2DConditionModel, dict]:
+    """Train (or fine-tune, or LoRA-tune) a U-Net on ``domain`` in the shared latent space."""
+    accelerator = Accelerator()
+    device = accelerator.device
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_pretrained(shared / "vae").to(device).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(shared / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(shared / "text_encoder").to(device).eval()
+    images, pairs = render_domain(domain, 12_000, seed)
+    mean, std = encode_latents(vae, images, device)
+    rng = np.random.default_rng(seed)
+    unique = sorted({c for color, shape in pairs for c in captions(color, shape)} | {""})
+    prompt_table = encode_prompts(tokenizer, text_encoder, unique).cpu()
+    prompt_index = {p: i for i, p in enumerate(unique)}
+
+    unet = UNet2DConditionModel.from_pretrained(init / "unet") if init else make_unet()
+    if lora_rank:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(
+            LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=[
+                    "to_q",
+                    "to_k",
+                    "to_v",
+                    "to_out.0",
+                    "proj_in",
+                    "proj_out",
+                    "ff.net.0.proj",
+                    "ff.net.2",
+                    "conv1",
+                    "conv2",
+                ],
+            )
+        )
+    params = [p for p in unet.parameters() if p.requires_grad]
+    ema = (
+        None
+        if lora_rank
+        else EMAModel(
+            unet.parameters(),
+            decay=0.999,
+            use_ema_warmup=True,
+            model_cls=UNet2DConditionModel,
+            model_config=unet.config,
+        )
+    )
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    noise_scheduler = DDPMScheduler(**TRAIN_SCHEDULER)
+    unet, opt = accelerator.prepare(unet, opt)
+    scale = vae.config.scaling_factor
+    gen = torch.Generator().manual_seed(seed)
+    start = time.time()
+    for step in range(steps):
+        idx = torch.randint(len(mean), (batch,), generator=gen)
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        cond = prompt_table[[prompt_index[p] for p in draw_captions([pairs[i] for i in idx], rng)]]
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        zt = noise_scheduler.add_noise(z0, noise, t)
+        pred = unet(zt.to(device), t.to(device), cond.to(device)).sample
+        loss = F.mse_loss(pred.float(), noise.to(device))
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        opt.step()
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(unet).parameters())
+        if step % 100 == 0 or step == steps - 1:
+            log(f"unet step {step}/{steps} loss {loss.item():.4f}")
+    seconds = time.time() - start
+    unet = accelerator.unwrap_model(unet).cpu().eval()
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    return unet, {
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "seconds": round(seconds, 1),
+        "images": len(images),
+        "lora_rank": lora_rank,
+        "device": describe_device(device),
+    }
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def save_model(out: Path, name: str, unet: UNet2DConditionModel) -> Path:
+    """Write a full diffusers folder whose shared parts link to ``out/shared``."""
+    folder = out / "models" / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    unet.save_pretrained(folder / "unet")
+    for part in SHARED:
+        (folder / part).symlink_to(Path("..") / ".." / "shared" / part)
+    (folder / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
+    return folder
+
+
+def model_index() -> dict:
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def save_scheduler(shared: Path) -> None:
+    EulerDiscreteScheduler(**TRAIN_SCHEDULER, timestep_spacing="trailing").save_pretrained(
+        shared / "scheduler"
+    )
+
+
+def save_lora(out: Path, name: str, unet) -> Path:
+    from peft.utils import get_peft_model_state_dict
+
+    folder = out / "loras" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True
+    )
+    return folder
+
+
+STAGE_DEFAULTS = {
+    "vae": {"steps": 2000, "batch": 32},
+    "base": {"steps": 2500, "batch": 64, "lr": 5e-4},
+    "warm": {"steps": 800, "batch": 64, "lr": 2e-4},
+    "cool": {"steps": 800, "batch": 64, "lr": 2e-4},
+    "purple": {"steps": 800, "batch": 64, "lr": 1e-3, "rank": 8},
+    "star": {"steps": 800, "batch": 64, "lr": 1e-3, "rank": 8},
+}
+
+
+def stage_output(out: Path, stage: str) -> Path:
+    if stage == "vae":
+        return out / "shared" / "vae"
+    if stage in MODEL_NAMES:
+        return out / "models" / MODEL_NAMES[stage]
+    return out / "loras" / LORA_NAMES[stage]
+
+
+def run_stage(out: Path, stage: str, steps: int | None, seed: int, log) -> dict:
+    cfg = dict(STAGE_DEFAULTS[stage])
+    if steps:
+        cfg["steps"] = steps
+    shared = out / "shared"
+    if stage == "vae":
+        stats = train_vae(shared, cfg["steps"], cfg["batch"], seed, log)
+        save_scheduler(shared)
+    elif stage in MODEL_NAMES:
+        init = None if stage == "base" else out / "models" / MODEL_NAMES["base"]
+        unet, stats = train_unet(
+            shared, DOMAINS[stage], init, cfg["steps"], cfg["batch"], cfg["lr"], seed, None, log
+        )
+        save_model(out, MODEL_NAMES[stage], unet)
+    else:
+        unet, stats = train_unet(
+            shared,
+            DOMAINS[stage],
+            out / "models" / MODEL_NAMES["base"],
+            cfg["steps"],
+            cfg["batch"],
+            cfg["lr"],
+            seed,
+            cfg["rank"],
+            log,
+        )
+        save_lora(out, LORA_NAMES[stage], unet)
+    stats.update(
+        stage=stage, seed=seed, domain=DOMAINS.get(stage).__dict__ if stage in DOMAINS else None
+    )
+    (stage_output(out, stage) / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m toyworld.train", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("stage", choices=["all", *STAGE_DEFAULTS])
+    parser.add_argument("--out", type=Path, default=Path("assets"))
+    parser.add_argument("--steps", type=int, default=None, help="override the stage's step count")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--force", action="store_true", help="retrain stages that already have output"
+    )
+    args = parser.parse_args(argv)
+    stages = list(STAGE_DEFAULTS) if args.stage == "all" else [args.stage]
+    for stage in stages:
+        if stage_output(args.out, stage).joinpath("training.json").exists() and not args.force:
+            print(f"[{stage}] already trained, skipping (use --force to retrain)", flush=True)
+            continue
+        stats = run_stage(
+            args.out,
+            stage,
+            args.steps,
+            args.seed,
+            lambda msg, s=stage: print(f"[{s}] {msg}", flush=True),
+        )
+        print(f"[{stage}] done: {json.dumps(stats)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
