@@ -1,0 +1,589 @@
+r"""``SuperpositionPipeline``: SuperDiff for Stable Diffusion 1.x/2.x and SDXL, diffusers-style.
+
+Skreta, Atanackovic, Bose, Tong, Neklyudov, "The Superposition of Diffusion Models Using the Itô
+Density Estimator", ICLR 2025. Several experts — different U-Nets sharing one latent space, or
+one U-Net with different prompts — are combined at sampling time: every step the drift is
+Σᵢ κᵢ ε̃ᵢ with per-sample weights κ chosen from the experts' log-densities (OR: sample the mixture;
+AND: stay where all experts' densities are equal), and the densities are tracked for free with
+the Itô density estimator. The sampling math lives in ``sampler.sample_superposition``; this file
+only turns Stable Diffusion U-Nets into its ``denoise(x, σ)``.
+
+VE ↔ VP scaling
+---------------
+The sampler works in the variance-exploding form x = x₀ + σ·ε, σ decreasing to 0. Stable
+Diffusion U-Nets were trained in the variance-preserving form x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε. The
+two describe the same noisy sample up to a scale: with σ_t = √((1 − ᾱ_t)/ᾱ_t),
+
+    x_t = √ᾱ_t·(x₀ + σ_t·ε) = x / √(σ_t² + 1),
+
+so the U-Net is called on x / √(σ² + 1) at the training timestep t(σ), and the ε it predicts is
+the very ε of the VE form (the same noise, only the signal is rescaled). The σ's and their t's are
+the ones diffusers' ``EulerDiscreteScheduler`` computes from the model's own noise schedule (its
+``sigmas`` end in 0). v-prediction U-Nets are converted to ε with ε = s·x_t + α·v,
+α = 1/√(σ² + 1), s = σ/√(σ² + 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import (
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
+
+from pipelines.superposition.sampler import sample_superposition
+
+PIPELINE_MODES = ("or", "and", "average", "joint")
+
+Expert = tuple[int | UNet2DConditionModel, str]
+"""One expert: a U-Net (its index in ``pipe.unets``, or the module itself) and its prompt."""
+
+_VAE_KEYS = ("latent_channels", "scaling_factor", "block_out_channels")
+_SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "prediction_type",
+)
+
+
+@dataclass
+class SuperpositionPipelineOutput(BaseOutput):
+    """Images and the per-step SuperDiff trace.
+
+    ``images``: PIL images, a numpy array, or latents / a tensor (``output_type``).
+    ``kappa``: (steps, N, B) float64, the weights κ used at each step, per expert and image.
+    ``log_density``: (steps + 1, N, B) float64, every expert's log-density Lᵢ along the path,
+    starting at 0 (only differences between experts are meaningful).
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    kappa: torch.Tensor
+    log_density: torch.Tensor
+
+
+class _Interrupted(Exception):
+    """Raised from the step callback to leave the sampling loop when ``pipe._interrupt`` is set."""
+
+
+@dataclass
+class _UNetBatch:
+    """One U-Net's batched call: [uncond (B)?, expert₁ (B), …, expert_k (B)] along the batch."""
+
+    unet: UNet2DConditionModel
+    experts: list[int]
+    embeds: torch.Tensor
+    added_cond_kwargs: dict[str, torch.Tensor] | None
+
+
+def is_sdxl_unet(unet: UNet2DConditionModel) -> bool:
+    """SDXL U-Nets take pooled text embeds and size ids (``addition_embed_type`` "text_time")."""
+    return unet.config.get("addition_embed_type") == "text_time"
+
+
+def _family(unet: UNet2DConditionModel) -> str:
+    return "SDXL" if is_sdxl_unet(unet) else "SD 1.x/2.x"
+
+
+def _describe(pipe: DiffusionPipeline, index: int) -> str:
+    name = pipe.name_or_path or type(pipe).__name__
+    return f"pipes[{index}] ({name}, {_family(pipe.unet)})"
+
+
+def check_same_latent_space(
+    first: DiffusionPipeline, other: DiffusionPipeline, index: int = 1
+) -> None:
+    """Refuse to superpose pipelines whose latents or noise schedules differ.
+
+    Superposition adds the experts' noise predictions for the same latent x at the same σ, so the
+    experts must share the VAE latent space (channels, scaling factor, downsampling), the SD 1.x
+    vs SDXL conditioning, and the training noise schedule (σ(t) and the prediction type).
+    """
+    a, b = _describe(first, 0), _describe(other, index)
+    if is_sdxl_unet(first.unet) != is_sdxl_unet(other.unet):
+        raise ValueError(
+            f"{a} and {b} cannot be superposed: {_family(other.unet)} latents cannot be superposed "
+            f"with {_family(first.unet)} latents"
+        )
+    for key in _VAE_KEYS:
+        va, vb = first.vae.config.get(key), other.vae.config.get(key)
+        if (list(va) if isinstance(va, (list, tuple)) else va) != (
+            list(vb) if isinstance(vb, (list, tuple)) else vb
+        ):
+            raise ValueError(
+                f"{a} and {b} cannot be superposed: their VAE latent spaces differ "
+                f"(vae.config.{key} {va!r} vs {vb!r})"
+            )
+    for key in _SCHEDULE_KEYS:
+        va, vb = first.scheduler.config.get(key), other.scheduler.config.get(key)
+        if va != vb:
+            raise ValueError(
+                f"{a} and {b} cannot be superposed: their noise schedules differ "
+                f"(scheduler.config.{key} {va!r} vs {vb!r})"
+            )
+
+
+def _to_epsilon(out: torch.Tensor, x_vp: torch.Tensor, sigma: float, prediction_type: str):
+    """The U-Net output as ε (see the module docstring for the v → ε conversion)."""
+    if prediction_type == "epsilon":
+        return out
+    if prediction_type == "v_prediction":
+        alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
+        return sigma * alpha * x_vp + alpha * out
+    raise ValueError(
+        f"scheduler.config.prediction_type {prediction_type!r} is not supported; "
+        "use 'epsilon' or 'v_prediction'"
+    )
+
+
+class SuperpositionPipeline(DiffusionPipeline):
+    r"""Text-to-image superposition of Stable Diffusion experts (SuperDiff, Skreta et al. 2025).
+
+    Components are those of a ``StableDiffusionPipeline`` (``vae``, ``text_encoder``,
+    ``tokenizer``, ``unet``, ``scheduler``) plus, for SDXL, ``text_encoder_2`` and
+    ``tokenizer_2``. ``unet`` is the first expert's U-Net; further experts' U-Nets are in
+    ``extra_unets`` (see ``from_pipes`` and ``add_unet``) or are passed directly in ``experts``.
+    All experts share the text encoder(s), the VAE and the noise schedule of this pipeline.
+
+    Sampling always uses the Euler–Maruyama discretisation of the reverse SDE with the σ's of
+    ``EulerDiscreteScheduler.from_config(pipe.scheduler.config)``: the Itô density estimator
+    is only valid for that sampler (the scheduler's own ``step`` is not used).
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components: ClassVar[list[str]] = ["text_encoder_2", "tokenizer_2"]
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "denoised", "kappa", "log_density"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        force_zeros_for_empty_prompt: bool = True,
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+        )
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.extra_unets: list[UNet2DConditionModel] = []
+        self._interrupt = False
+
+    @classmethod
+    def from_pipes(
+        cls, pipes: Sequence[StableDiffusionPipeline | StableDiffusionXLPipeline]
+    ) -> SuperpositionPipeline:
+        """A superposition of the pipes' U-Nets (expert i = ``pipes[i].unet``).
+
+        The VAE, text encoder(s), tokenizer(s) and scheduler are shared with ``pipes[0]`` (no
+        copies). Raises ValueError naming both pipes if one's latent space or noise schedule
+        differs from the first's (``check_same_latent_space``).
+        """
+        if not pipes:
+            raise ValueError("from_pipes needs at least one pipeline")
+        first = pipes[0]
+        for i, other in enumerate(pipes[1:], start=1):
+            check_same_latent_space(first, other, i)
+        pipe = cls(
+            vae=first.vae,
+            text_encoder=first.text_encoder,
+            tokenizer=first.tokenizer,
+            unet=first.unet,
+            scheduler=first.scheduler,
+            text_encoder_2=getattr(first, "text_encoder_2", None),
+            tokenizer_2=getattr(first, "tokenizer_2", None),
+            force_zeros_for_empty_prompt=first.config.get("force_zeros_for_empty_prompt", True),
+        )
+        for other in pipes[1:]:
+            pipe.add_unet(other.unet)
+        return pipe
+
+    @property
+    def unets(self) -> list[UNet2DConditionModel]:
+        """The experts' U-Nets by index: ``unet`` first, then ``extra_unets``."""
+        return [self.unet, *self.extra_unets]
+
+    def add_unet(self, unet: UNet2DConditionModel) -> int:
+        """Add an expert U-Net (same latent space as ``unet``); returns its index in ``unets``."""
+        if is_sdxl_unet(unet) != is_sdxl_unet(self.unet):
+            raise ValueError(
+                f"cannot add a {_family(unet)} U-Net to a {_family(self.unet)} pipeline: "
+                f"{_family(unet)} latents cannot be superposed with {_family(self.unet)} latents"
+            )
+        self.extra_unets.append(unet)
+        return len(self.extra_unets)
+
+    def to(self, *args, **kwargs) -> SuperpositionPipeline:
+        """``DiffusionPipeline.to``, also moving/casting ``extra_unets``."""
+        super().to(*args, **kwargs)
+        module_args = [a for a in args if isinstance(a, (str, torch.device, torch.dtype))]
+        module_kwargs = {k: v for k, v in kwargs.items() if k in ("device", "dtype")}
+        for unet in self.extra_unets:
+            unet.to(*module_args, **module_kwargs)
+        return self
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def _encoder_pipe(self) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+        """A diffusers pipeline over the same modules, to reuse its ``encode_prompt``."""
+        if is_sdxl_unet(self.unet):
+            return StableDiffusionXLPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer,
+                tokenizer_2=self.tokenizer_2,
+                unet=self.unet,
+                scheduler=self.scheduler,
+                force_zeros_for_empty_prompt=self.config.force_zeros_for_empty_prompt,
+                add_watermarker=False,
+            )
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def _resolve_experts(
+        self, prompt: str | list[str] | None, experts: Sequence[Expert] | None
+    ) -> list[tuple[UNet2DConditionModel, str]]:
+        unets = self.unets
+        if experts is None:
+            if prompt is None:
+                raise ValueError("give a prompt (str or one per U-Net) or experts")
+            prompts = [prompt] * len(unets) if isinstance(prompt, str) else list(prompt)
+            if len(prompts) != len(unets):
+                raise ValueError(
+                    f"prompt is a list of {len(prompts)} prompts for {len(unets)} U-Nets; "
+                    "give one prompt per U-Net, a single str, or experts=[(unet_index, prompt), …]"
+                )
+            return list(zip(unets, prompts, strict=True))
+        if prompt is not None:
+            raise ValueError("give either prompt or experts (each expert carries its own prompt)")
+        if not experts:
+            raise ValueError("experts is empty; give at least one (unet_index, prompt) pair")
+        resolved = []
+        for unet, text in experts:
+            if isinstance(unet, int):
+                if not 0 <= unet < len(unets):
+                    raise ValueError(
+                        f"expert U-Net index {unet} is out of range: this pipeline has "
+                        f"{len(unets)} U-Net(s), indices 0..{len(unets) - 1}"
+                    )
+                unet = unets[unet]
+            if is_sdxl_unet(unet) != is_sdxl_unet(self.unet):
+                raise ValueError(
+                    f"an expert's {_family(unet)} U-Net cannot be superposed with this "
+                    f"{_family(self.unet)} pipeline's latents"
+                )
+            resolved.append((unet, text))
+        return resolved
+
+    def _unet_batches(
+        self,
+        experts: list[tuple[UNet2DConditionModel, str]],
+        negative_prompt: str | None,
+        batch: int,
+        height: int,
+        width: int,
+        cfg: bool,
+        device: torch.device,
+    ) -> list[_UNetBatch]:
+        """Encode every expert's prompt once and group the experts by U-Net module.
+
+        Experts on the same U-Net become one batched call whose batch is
+        [negative prompt (if ``cfg``), expert₁, …, expert_k], B images each.
+        """
+        encoder = self._encoder_pipe()
+        prompts = [text for _, text in experts]
+        negatives = None if negative_prompt is None else [negative_prompt] * len(prompts)
+        pooled = neg_pooled = time_ids = None
+        if is_sdxl_unet(self.unet):
+            embeds, neg_embeds, pooled, neg_pooled = encoder.encode_prompt(
+                prompt=prompts,
+                device=device,
+                num_images_per_prompt=batch,
+                do_classifier_free_guidance=cfg,
+                negative_prompt=negatives,
+            )
+            projection_dim = (
+                self.text_encoder_2.config.projection_dim
+                if self.text_encoder_2 is not None
+                else int(pooled.shape[-1])
+            )
+            time_ids = encoder._get_add_time_ids(
+                (height, width), (0, 0), (height, width), embeds.dtype, projection_dim
+            ).to(device)
+        else:
+            embeds, neg_embeds = encoder.encode_prompt(
+                prompts, device, batch, cfg, negative_prompt=negatives
+            )
+
+        members: dict[int, list[int]] = {}
+        for e, (unet, _) in enumerate(experts):
+            members.setdefault(id(unet), []).append(e)
+        groups = []
+        for indices in members.values():
+            unet = experts[indices[0]][0]
+            rows = [slice(e * batch, (e + 1) * batch) for e in indices]
+            parts = ([neg_embeds[:batch]] if cfg else []) + [embeds[r] for r in rows]
+            added_cond_kwargs = None
+            if pooled is not None:
+                text = ([neg_pooled[:batch]] if cfg else []) + [pooled[r] for r in rows]
+                added_cond_kwargs = {
+                    "text_embeds": torch.cat(text).to(unet.dtype),
+                    "time_ids": time_ids.repeat(len(parts) * batch, 1).to(unet.dtype),
+                }
+            groups.append(
+                _UNetBatch(unet, indices, torch.cat(parts).to(unet.dtype), added_cond_kwargs)
+            )
+        return groups
+
+    def _denoiser(
+        self,
+        groups: list[_UNetBatch],
+        n_experts: int,
+        timestep_of: dict[float, torch.Tensor],
+        cfg: bool,
+    ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]]:
+        """``denoise(x, σ)`` for ``sample_superposition``: one U-Net call per U-Net per step."""
+        prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+
+        def denoise(x: torch.Tensor, sigma: torch.Tensor):
+            s = float(sigma)
+            x_vp = x / math.sqrt(s * s + 1.0)
+            t = timestep_of[s]
+            eps: list[torch.Tensor | None] = [None] * n_experts
+            eps_uncond: list[torch.Tensor | None] = [None] * n_experts
+            for group in groups:
+                k = len(group.experts) + int(cfg)
+                out = group.unet(
+                    x_vp.to(group.unet.dtype).repeat(k, *([1] * (x.dim() - 1))),
+                    t,
+                    encoder_hidden_states=group.embeds,
+                    added_cond_kwargs=group.added_cond_kwargs,
+                    return_dict=False,
+                )[0]
+                chunks = [
+                    _to_epsilon(c.to(x.dtype), x_vp, s, prediction_type) for c in out.chunk(k)
+                ]
+                uncond = chunks.pop(0) if cfg else None
+                for e, c in zip(group.experts, chunks, strict=True):
+                    eps[e], eps_uncond[e] = c, uncond
+            return (torch.stack(eps_uncond) if cfg else None), torch.stack(eps)
+
+        return denoise
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
+        """VAE decode (fp16 VAEs with ``force_upcast`` decode in fp32, as in diffusers' SDXL
+        pipeline) and ``VaeImageProcessor`` postprocessing."""
+        if output_type == "latent":
+            return latents
+        upcast = self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast", False)
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+        dtype = torch.float32 if upcast else self.vae.dtype
+        image = self.vae.decode(
+            latents.to(dtype) / self.vae.config.scaling_factor, return_dict=False
+        )[0]
+        if upcast:
+            self.vae.to(dtype=torch.float16)
+        return self.image_processor.postprocess(image, output_type=output_type)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        generator: torch.Generator | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        output_type: str = "pil",
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        mode: str = "or",
+        temperature: float = 1.0,
+        bias: torch.Tensor | Sequence[float] | None = None,
+        experts: Sequence[Expert] | None = None,
+        latents: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> SuperpositionPipelineOutput | tuple:
+        r"""Generate ``num_images_per_prompt`` images from a superposition of the experts.
+
+        Args:
+            prompt: one str for every U-Net in ``unets``, or one prompt per U-Net. Leave it None
+                when ``experts`` is given.
+            negative_prompt: the unconditional branch of classifier-free guidance, shared by all
+                experts (one batched unconditional prediction per U-Net).
+            guidance_scale: CFG weight w; guidance acts on the drift only, the densities are
+                those of the unguided conditional experts. No unconditional branch when w ≤ 1.
+            generator: one ``torch.Generator`` (on the pipeline's device) for the initial noise
+                and every Euler–Maruyama step.
+            mode: ``"or"`` (κ = softmax(T·L + bias): the mixture of the experts), ``"and"`` (κ
+                keeps all experts' densities equal), ``"average"`` (fixed κ = 1/N or
+                softmax(bias): the paper's averaging baseline) or ``"joint"`` (the paper's other
+                baseline: one prompt, the experts' prompts joined with " and ", through the first
+                expert's U-Net with ordinary CFG, sampled with the same SDE; N = 1 in the trace).
+            temperature, bias: T and the per-expert log-weights of OR (bias also for average).
+            experts: ``[(unet_index_or_module, prompt), …]``; the default is one expert per U-Net
+                of ``unets``. Two prompts on one model: ``[(0, "a red shape"), (0, "a circle")]``.
+            latents: optional initial noise ε (B, C, h, w) of unit variance; it is scaled by σ₀.
+            callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` after each
+                step, with the requested ``callback_on_step_end_tensor_inputs`` among
+                ``latents`` (x at the next σ, VE form), ``denoised`` (the step's Tweedie
+                estimate), ``kappa`` (N, B) and ``log_density`` (N, B). A returned ``latents``
+                replaces x. Setting ``pipe._interrupt = True`` stops after that step; the latents
+                reached so far are decoded (still noisy, as in diffusers).
+
+        Returns:
+            ``SuperpositionPipelineOutput(images, kappa, log_density)``, or the tuple
+            ``(images, kappa, log_density)`` if ``return_dict`` is False.
+        """
+        if mode not in PIPELINE_MODES:
+            raise ValueError(f"mode must be one of {PIPELINE_MODES}, not {mode!r}")
+        if isinstance(generator, list):
+            raise ValueError("generator must be a single torch.Generator, not a list")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ValueError(
+                "negative_prompt must be one str: every expert shares one unconditional branch"
+            )
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not among "
+                f"{self._callback_tensor_inputs}"
+            )
+        resolved = self._resolve_experts(prompt, experts)
+        if mode == "joint":
+            resolved = [(resolved[0][0], " and ".join(text for _, text in resolved))]
+            sampler_mode, bias = "average", None
+        else:
+            sampler_mode = mode
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(
+                f"height and width must be multiples of {self.vae_scale_factor}, "
+                f"not {height}×{width}"
+            )
+        self._interrupt = False
+        self._guidance_scale = guidance_scale
+        device = self._execution_device
+        batch = num_images_per_prompt
+        cfg = guidance_scale > 1.0
+
+        groups = self._unet_batches(resolved, negative_prompt, batch, height, width, cfg, device)
+
+        scheduler = EulerDiscreteScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        sigmas = scheduler.sigmas.to(device)
+        timestep_of = {float(s): t for s, t in zip(sigmas[:-1], scheduler.timesteps, strict=True)}
+        self._num_timesteps = len(scheduler.timesteps)
+
+        shape = (
+            batch,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        x = latents.to(device=device, dtype=torch.float32) * sigmas[0]
+
+        kappas: list[torch.Tensor] = []
+        history: list[torch.Tensor] = []
+        with self.progress_bar(total=len(sigmas) - 1) as progress:
+
+            def on_step(info: dict) -> None:
+                nonlocal x
+                if not history:
+                    history.append(torch.zeros_like(info["log_density"]))
+                kappas.append(info["kappa"])
+                history.append(info["log_density"])
+                x = info["x"]
+                if callback_on_step_end is not None:
+                    step_kwargs = {
+                        "latents": info["x"],
+                        "denoised": info["denoised"],
+                        "kappa": info["kappa"],
+                        "log_density": info["log_density"],
+                    }
+                    requested = {k: step_kwargs[k] for k in callback_on_step_end_tensor_inputs}
+                    t = scheduler.timesteps[info["i"]]
+                    returned = callback_on_step_end(self, info["i"], t, requested) or {}
+                    if "latents" in returned:
+                        info["x"].copy_(returned["latents"])
+                progress.update()
+                if self._interrupt:
+                    raise _Interrupted
+
+            with contextlib.suppress(_Interrupted):
+                sample_superposition(
+                    self._denoiser(groups, len(resolved), timestep_of, cfg),
+                    x,
+                    sigmas,
+                    mode=sampler_mode,
+                    guidance_scale=guidance_scale,
+                    temperature=temperature,
+                    bias=bias,
+                    generator=generator,
+                    callback=on_step,
+                )
+
+        images = self.decode_latents(x, output_type)
+        kappa = torch.stack(kappas)
+        log_density = torch.stack(history)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, kappa, log_density
+        return SuperpositionPipelineOutput(images=images, kappa=kappa, log_density=log_density)
