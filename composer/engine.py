@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +49,7 @@ class Result:
     device: str = ""
 
 
-IMPLEMENTED = ("single",)
+IMPLEMENTED = ("single", "superpose")
 
 
 def generate(
@@ -64,15 +65,39 @@ def generate(
             f"method: {recipe.method!r} is not available yet; available: " + ", ".join(IMPLEMENTED)
         )
     cache = cache or registry.CACHE
-    expert = recipe.experts[0]
-    source = registry.resolve_model(expert.model, "experts[0].model")
-    loras = [
-        (registry.resolve_lora(lo.path, f"experts[0].loras[{j}].path"), lo.weight)
-        for j, lo in enumerate(expert.loras)
-    ]
-    with cache.lease(source) as lease:
-        lease.use_loras(loras)
-        return _sample_single(recipe, lease.pipe, source, progress, cancel)
+    sources, loras = _resolve(recipe)
+    by_location = {src.location: src for src in sources}
+    with ExitStack() as stack:
+        leases = {loc: stack.enter_context(cache.lease(by_location[loc]))
+                  for loc in sorted(by_location)}  # one lock order for every request
+        for loc, lease in leases.items():
+            lease.use_loras(loras[loc])
+        if recipe.method == "single":
+            return _sample_single(recipe, leases[sources[0].location].pipe, sources[0],
+                                  progress, cancel)
+        return _sample_superpose(recipe, sources, leases, progress, cancel)
+
+
+def _resolve(recipe: Recipe) -> tuple[list[registry.Source], dict[str, list[tuple[str, float]]]]:
+    """Each expert's model source, and the LoRAs each distinct model runs with.
+
+    Experts that share a model share its U-Net module, so they must ask for the same LoRAs.
+    """
+    sources, loras, owner = [], {}, {}
+    for i, expert in enumerate(recipe.experts):
+        source = registry.resolve_model(expert.model, f"experts[{i}].model")
+        wanted = [(registry.resolve_lora(lo.path, f"experts[{i}].loras[{j}].path"), lo.weight)
+                  for j, lo in enumerate(expert.loras)]
+        if source.location in loras and loras[source.location] != wanted:
+            raise RecipeError(
+                f"experts[{i}].loras: experts[{owner[source.location]}] and experts[{i}] use the "
+                f"same model {expert.model!r} with different LoRAs; one model runs with one set "
+                "of LoRAs per generation (give each LoRA variant its own model file)"
+            )
+        loras.setdefault(source.location, wanted)
+        owner.setdefault(source.location, i)
+        sources.append(source)
+    return sources, loras
 
 
 def native_size(pipe) -> tuple[int, int]:
@@ -126,7 +151,7 @@ def _sample_single(
         images.append(image)
         seeds.append(seed)
         trace.append(steps)
-    model_hashes, lora_hashes = _hashes(recipe, source)
+    model_hashes, lora_hashes = _hashes(recipe, [source])
     metadata = [png_info(recipe, i, model_hashes, lora_hashes) for i in range(len(images))]
     return Result(
         recipe=recipe,
@@ -139,11 +164,12 @@ def _sample_single(
     )
 
 
-def _hashes(recipe: Recipe, source: registry.Source) -> tuple[dict, dict]:
+def _hashes(recipe: Recipe, sources: list[registry.Source]) -> tuple[dict, dict]:
     model_hashes = {}
-    path = registry.model_file(source)
-    if path is not None:
-        model_hashes[source.reference] = registry.file_sha256(path)
+    for source in sources:
+        path = registry.model_file(source)
+        if path is not None:
+            model_hashes[source.reference] = registry.file_sha256(path)
     lora_hashes = {}
     for e in recipe.experts:
         for lo in e.loras:
@@ -151,3 +177,69 @@ def _hashes(recipe: Recipe, source: registry.Source) -> tuple[dict, dict]:
             if not registry.looks_like_hub_id(resolved):
                 lora_hashes[lo.path] = registry.file_sha256(resolved, body_only=True)
     return model_hashes, lora_hashes
+
+
+def _sample_superpose(recipe: Recipe, sources: list[registry.Source], leases: dict,
+                      progress: Progress | None, cancel: threading.Event | None) -> Result:
+    """SuperDiff (Skreta et al. 2025) through ``SuperpositionPipeline``: experts on one model
+    share its U-Net and run in one batched call. The recipe's scheduler is not used: the
+    density estimate needs the pipeline's own Euler–Maruyama steps (FIELD_NOTES, SuperDiff)."""
+    from pipelines.superposition import SuperpositionPipeline
+
+    order = list(dict.fromkeys(src.location for src in sources))
+    pipes = [leases[loc].pipe for loc in order]
+    try:
+        pipe = SuperpositionPipeline.from_pipes(pipes)
+    except ValueError as e:
+        names = {src.location: src.reference for src in sources}
+        message = str(e)
+        for k, loc in enumerate(order):
+            message = message.replace(f"pipes[{k}] ({loc}", f"{names[loc]!r} ({loc}")
+        raise RecipeError(f"experts: {message}") from None
+    pipe.set_progress_bar_config(disable=True)
+    settings = recipe.superpose
+    mode = settings.mode if settings else "or"
+    experts = [(order.index(src.location), recipe.expert_prompt(i))
+               for i, src in enumerate(sources)]
+    s = recipe.sampler
+    native_width, native_height = native_size(pipes[0])
+    width, height = s.width or native_width, s.height or native_height
+    total = s.steps * s.num_images
+    images, seeds, seconds, trace = [], [], [], []
+    for i in range(s.num_images):
+        def on_step(p, step, timestep, kwargs, i=i):
+            if progress is not None:
+                progress(i * s.steps + step + 1, total)
+            if cancel is not None and cancel.is_set():
+                p._interrupt = True
+            return kwargs
+
+        seed = s.seed + i
+        start = time.perf_counter()
+        out = pipe(
+            experts=experts,
+            negative_prompt=recipe.negative_prompt or None,
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance_scale,
+            generator=torch.Generator(device=pipe.device).manual_seed(seed),
+            height=height,
+            width=width,
+            mode=mode,
+            temperature=settings.temperature if settings else 1.0,
+            bias=list(settings.bias) if settings and settings.bias else None,
+            callback_on_step_end=on_step,
+        )
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(images)
+        seconds.append(time.perf_counter() - start)
+        images.append(out.images[0])
+        seeds.append(seed)
+        trace.append([
+            {"step": k + 1, "kappa": out.kappa[k, :, 0].tolist(),
+             "log_density": out.log_density[k + 1, :, 0].tolist()}
+            for k in range(out.kappa.shape[0])
+        ])
+    model_hashes, lora_hashes = _hashes(recipe, sources)
+    metadata = [png_info(recipe, i, model_hashes, lora_hashes) for i in range(len(images))]
+    return Result(recipe=recipe, images=images, seeds=seeds, seconds=seconds, trace=trace,
+                  metadata=metadata, device=str(pipe.device))

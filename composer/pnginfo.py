@@ -20,6 +20,7 @@ from composer.recipe import Recipe, RecipeError, a1111_sampler_name, parse
 RECIPE_CHUNK = "composer_recipe"
 PARAMETERS_CHUNK = "parameters"
 VERSION = "diffusion-composer 0.1"
+SUPERDIFF_SAMPLER = "SuperDiff Euler-Maruyama"  # superposition steps with its own SDE sampler
 _LORA_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -59,7 +60,8 @@ def a1111_parameters(
     s = recipe.sampler
     pairs = [
         ("Steps", str(s.steps)),
-        ("Sampler", a1111_sampler_name(s.scheduler)),
+        ("Sampler", SUPERDIFF_SAMPLER if recipe.method == "superpose"
+         else a1111_sampler_name(s.scheduler)),
         ("CFG scale", f"{s.guidance_scale:g}"),
         ("Seed", str(s.seed + index)),
     ]

@@ -153,6 +153,12 @@ def tiny_sd1(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd1_other(tmp_path_factory) -> str:
+    """A second tiny SD 1.x model with other random weights but the same VAE and schedule."""
+    return build_sd1(tmp_path_factory.mktemp("sd1-other"), seed=1)
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> str:
     return build_sdxl(tmp_path_factory.mktemp("sdxl"))
 

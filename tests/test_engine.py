@@ -155,7 +155,7 @@ def test_methods_not_yet_available_are_refused_with_a_message(tiny_sd1):
     recipe = parse(
         {
             "prompt": "a",
-            "method": "superpose",
+            "method": "aggregate",
             "experts": [{"model": tiny_sd1}, {"model": tiny_sd1}],
         }
     )
@@ -168,8 +168,9 @@ def test_lora_for_another_architecture_is_a_recipe_error(tiny_sdxl, tiny_lora, c
         run(tiny_sdxl, [(tiny_lora, 1.0)], cache=cache)
 
 
-def test_loaded_adapters_are_capped_and_evicted_ones_reload(tiny_sd1, tiny_lora, tmp_path,
-                                                             monkeypatch):
+def test_loaded_adapters_are_capped_and_evicted_ones_reload(
+    tiny_sd1, tiny_lora, tmp_path, monkeypatch
+):
     import shutil
 
     monkeypatch.setattr(registry, "MAX_ADAPTERS", 2)

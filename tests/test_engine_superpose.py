@@ -1,0 +1,65 @@
+"""``method: superpose`` through the engine: recipes in, images and κ traces out."""
+
+import numpy as np
+import pytest
+
+from composer import engine, registry
+from composer.recipe import RecipeError, parse
+
+
+def superpose(experts, cache, mode="or", **sampler):
+    recipe = parse(
+        {
+            "prompt": "a shape",
+            "method": "superpose",
+            "experts": experts,
+            "superpose": {"mode": mode, "temperature": 1.0, "bias": None},
+            "sampler": {"steps": 4, "guidance_scale": 3.0, "seed": 3, **sampler},
+        },
+        check=registry.check_reference,
+    )
+    return engine.generate(recipe, cache=cache)
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return registry.ModelCache()
+
+
+def test_two_prompts_on_one_model_give_images_and_a_kappa_trace(tiny_sd1, cache):
+    experts = [
+        {"model": tiny_sd1, "prompt": "a red shape"},
+        {"model": tiny_sd1, "prompt": "a circle"},
+    ]
+    result = superpose(experts, cache, num_images=2)
+    assert len(result.images) == 2 and result.images[0].size == (16, 16)
+    assert result.seeds == [3, 4]
+    steps = result.trace[0]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert all(len(s["kappa"]) == 2 and abs(sum(s["kappa"]) - 1) < 1e-9 for s in steps)
+    assert "Sampler: SuperDiff Euler-Maruyama" in result.metadata[0].chunks[0][1].decode()
+
+
+def test_same_recipe_same_pixels_and_modes_differ(tiny_sd1, tiny_sd1_other, cache):
+    experts = [{"model": tiny_sd1}, {"model": tiny_sd1_other}]
+    a, b = superpose(experts, cache), superpose(experts, cache)
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    both = superpose(experts, cache, mode="and")
+    assert not np.array_equal(np.asarray(a.images[0]), np.asarray(both.images[0]))
+
+
+def test_sd1_with_sdxl_is_refused_naming_both(tiny_sd1, tiny_sdxl, cache):
+    with pytest.raises(RecipeError) as info:
+        superpose([{"model": tiny_sd1}, {"model": tiny_sdxl}], cache)
+    message = str(info.value)
+    assert "SDXL latents cannot be superposed with SD 1.x/2.x latents" in message
+    assert tiny_sd1 in message and tiny_sdxl in message
+
+
+def test_one_model_with_two_different_lora_sets_is_refused(tiny_sd1, tiny_lora, cache):
+    experts = [
+        {"model": tiny_sd1, "loras": [{"path": tiny_lora, "weight": 1.0}]},
+        {"model": tiny_sd1},
+    ]
+    with pytest.raises(RecipeError, match=r"experts\[0\] and experts\[1\] use the same model"):
+        superpose(experts, cache)
