@@ -37,10 +37,10 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.training_utils import EMAModel
-from toyworld.captions import captions
-from toyworld.render import COLORS, NATIVE_SIZE, render_batch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from toyworld.captions import captions
+from toyworld.render import COLORS, NATIVE_SIZE, render_batch
 from toyworld.tokenizer import save_tokenizer
 
 PLAIN_SHAPES = ("circle", "square", "triangle")
@@ -65,11 +65,15 @@ DOMAINS = {
 MODEL_NAMES = {"base": "toy-base", "warm": "toy-warm", "cool": "toy-cool"}
 LORA_NAMES = {"purple": "toy-purple", "star": "toy-star"}
 SHARED = ("vae", "text_encoder", "tokenizer", "scheduler")
+# DDPM's linear schedule, not Stable Diffusion's scaled_linear: at t = T SD keeps √ᾱ_T ≈ 0.07 of
+# the signal, and on 8×8 latents the mean of the starting noise (std 1/8 per channel) is of that
+# size, so a model trained on SD's schedule takes each image's colour from the noise (the first
+# base model drew gray prompts purple or green, decided by the seed). Here √ᾱ_T ≈ 0.006.
 TRAIN_SCHEDULER = {
     "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
 }
 
 
@@ -177,7 +181,7 @@ def train_vae(out: Path, steps: int, batch: int, seed: int, log) -> dict:
                 ]
             ).mean()
         )
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    stats = whiten_latents(vae, latents)
     vae.cpu().save_pretrained(out / "vae")
     tokenizer = save_tokenizer(out / "tokenizer", model_max_length=TOKENS)
     make_text_encoder(len(tokenizer), seed).save_pretrained(out / "text_encoder")
@@ -187,9 +191,34 @@ def train_vae(out: Path, steps: int, batch: int, seed: int, log) -> dict:
         "seconds": round(seconds, 1),
         "images": len(images),
         "recon_mse": round(recon_mse, 5),
-        "scaling_factor": vae.config.scaling_factor,
         "device": describe_device(accelerator.device),
+        **stats,
     }
+
+
+@torch.no_grad()
+def whiten_latents(vae: AutoencoderKL, latents: torch.Tensor) -> dict:
+    """Re-parameterise the VAE so that every latent channel has mean 0 and std 1 on the data.
+
+    The trained VAE keeps shape in one latent channel (std ≈ 1.4 after a global scaling) and
+    colour in channels with std ≈ 0.2–0.5, where a shift of 0.3 turns gray into purple; a U-Net
+    whose errors are even across channels then draws colours decided by the seed. diffusers'
+    pipelines know only one ``scaling_factor``, so the per-channel affine map z = s ⊙ z' + μ is
+    folded into the 1×1 convolutions around the latent: ``quant_conv`` now outputs z' (mean and
+    log-variance rows), ``post_quant_conv`` takes z' — the decoder sees exactly the same z.
+    """
+    mu = latents.mean(dim=(0, 2, 3))
+    s = latents.std(dim=(0, 2, 3))
+    c = mu.numel()
+    q, p = vae.quant_conv, vae.post_quant_conv
+    q.weight[:c] /= s[:, None, None, None]
+    q.bias[:c] = (q.bias[:c] - mu) / s
+    q.bias[c:] -= 2 * torch.log(s)
+    p.bias += (p.weight[:, :, 0, 0] * mu[None, :]).sum(dim=1)
+    p.weight *= s[None, :, None, None]
+    vae.register_to_config(scaling_factor=1.0)
+    return {"latent_channel_mean": mu.tolist(), "latent_channel_std": s.tolist(),
+            "scaling_factor": 1.0}
 
 
 @torch.no_grad()
@@ -352,9 +381,10 @@ def model_index() -> dict:
 
 
 def save_scheduler(shared: Path) -> None:
-    EulerDiscreteScheduler(**TRAIN_SCHEDULER, timestep_spacing="trailing").save_pretrained(
-        shared / "scheduler"
+    scheduler = EulerDiscreteScheduler(
+        **TRAIN_SCHEDULER, timestep_spacing="trailing", steps_offset=1
     )
+    scheduler.save_pretrained(shared / "scheduler")
 
 
 def save_lora(out: Path, name: str, unet) -> Path:
@@ -393,9 +423,10 @@ def run_stage(out: Path, stage: str, steps: int | None, seed: int, log) -> dict:
     shared = out / "shared"
     if stage == "vae":
         stats = train_vae(shared, cfg["steps"], cfg["batch"], seed, log)
-        save_scheduler(shared)
     elif stage in MODEL_NAMES:
         init = None if stage == "base" else out / "models" / MODEL_NAMES["base"]
+        if stage == "base":
+            save_scheduler(shared)  # the schedule every U-Net of the zoo is trained with
         unet, stats = train_unet(
             shared, DOMAINS[stage], init, cfg["steps"], cfg["batch"], cfg["lr"], seed, None, log
         )
