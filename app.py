@@ -26,6 +26,8 @@ from composer.recipe import A1111_SAMPLERS, MAX_IMAGES, MAX_STEPS, RecipeError, 
 
 log = logging.getLogger("composer.app")
 LORA_SLOTS = 3
+PAGE_METHODS = ("single",)
+"""Methods the controls can express; any method the engine runs works from the Recipe panel."""
 OUTPUT_DIR = Path(tempfile.gettempdir()) / "composer-outputs"
 SAMPLER_CHOICES = [(name, key) for name, key in A1111_SAMPLERS.items() if key != "ddpm"]
 _CANCEL: dict[str, threading.Event] = {}
@@ -141,12 +143,24 @@ def stop(request: gr.Request):
         event.set()
 
 
+def restore(recipe) -> list:
+    """Controls and Recipe panel for ``recipe``; a method the controls cannot show yet goes to
+    the Recipe panel only, from where it can be run as it is."""
+    if recipe.method not in PAGE_METHODS:
+        gr.Info(
+            f"This recipe uses method {recipe.method!r}: it is in the Recipe panel, from where "
+            "“Generate from this recipe” runs it."
+        )
+        return [gr.update()] * len(CONTROLS) + [recipe.to_json()]
+    return [*control_values(recipe), recipe.to_json()]
+
+
 def restore_from_recipe(recipe_json: str):
     try:
         recipe = parse(recipe_json)
     except RecipeError as e:
         raise gr.Error(str(e), print_exception=False) from None
-    return [*control_values(recipe), recipe.to_json()]
+    return restore(recipe)
 
 
 def restore_from_png(image):
@@ -156,8 +170,9 @@ def restore_from_png(image):
         recipe = read_recipe(image)
     except RecipeError as e:
         raise gr.Error(str(e), print_exception=False) from None
-    gr.Info("Controls restored from the image's recipe.")
-    return [*control_values(recipe), recipe.to_json()]
+    if recipe.method in PAGE_METHODS:
+        gr.Info("Controls restored from the image's recipe.")
+    return restore(recipe)
 
 
 def current_recipe(*values) -> str:
@@ -180,10 +195,11 @@ def build() -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=5):
                 method = gr.Dropdown(
-                    list(engine.IMPLEMENTED),
+                    list(PAGE_METHODS),
                     value="single",
                     label="Method",
-                    info="More composition methods arrive here as they land.",
+                    info="Superposition (SuperDiff OR/AND) runs from a recipe in the Recipe "
+                    "panel for now; its own controls come next.",
                 )
                 model = gr.Dropdown(
                     models,

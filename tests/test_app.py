@@ -107,3 +107,19 @@ def test_png_without_recipe_is_a_gradio_error():
 
     with pytest.raises(gr.Error, match="carries no"):
         app.restore_from_png(Image.new("RGB", (8, 8)))
+
+
+def test_a_recipe_the_controls_cannot_show_goes_to_the_recipe_panel(tiny_sd1):
+    import gradio as gr
+
+    app.build()
+    text = json.dumps(
+        {
+            "prompt": "a",
+            "method": "superpose",
+            "experts": [{"model": tiny_sd1}, {"model": tiny_sd1, "prompt": "b"}],
+        }
+    )
+    values = app.restore_from_recipe(text)
+    assert all(v == gr.update() for v in values[:-1])
+    assert json.loads(values[-1])["method"] == "superpose"
