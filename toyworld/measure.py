@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from composer import engine, registry
-from composer.recipe import parse
+from composer.recipe import MAX_IMAGES, parse
 from toyworld.evaluate import classify
 
 
@@ -51,18 +51,30 @@ def measure(
     check: Check, seeds: int, cache: registry.ModelCache | None = None, sampler: dict | None = None
 ) -> dict:
     """Generate ``seeds`` images for ``check`` and count what the evaluator sees."""
-    recipe = parse(
-        {
-            "prompt": check.prompt,
-            "experts": [
-                {"model": check.model, "loras": [{"path": p, "weight": 1.0} for p in check.loras]}
-            ],
-            "sampler": {**DEFAULT_SAMPLER, **(sampler or {}), "seed": 0, "num_images": seeds},
-        },
-        check=registry.check_reference,
-    )
-    result = engine.generate(recipe, cache=cache)
-    labels = [classify(image) for image in result.images]
+    images, seconds = [], 0.0
+    for start in range(0, seeds, MAX_IMAGES):  # seeds 0 … seeds-1, in recipes of ≤ 16 images
+        recipe = parse(
+            {
+                "prompt": check.prompt,
+                "experts": [
+                    {
+                        "model": check.model,
+                        "loras": [{"path": p, "weight": 1.0} for p in check.loras],
+                    }
+                ],
+                "sampler": {
+                    **DEFAULT_SAMPLER,
+                    **(sampler or {}),
+                    "seed": start,
+                    "num_images": min(MAX_IMAGES, seeds - start),
+                },
+            },
+            check=registry.check_reference,
+        )
+        result = engine.generate(recipe, cache=cache)
+        images += result.images
+        seconds += sum(result.seconds)
+    labels = [classify(image) for image in images]
     passed = sum(
         (check.color is None or c == check.color) and (check.shape is None or s == check.shape)
         for c, s in labels
@@ -77,7 +89,7 @@ def measure(
         "threshold": check.threshold,
         "colors": dict(Counter(c for c, _ in labels)),
         "shapes": dict(Counter(s for _, s in labels)),
-        "seconds_per_image": sum(result.seconds) / seeds,
+        "seconds_per_image": seconds / seeds,
     }
 
 
