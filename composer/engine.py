@@ -119,22 +119,14 @@ def _sample_single(
     pipe.set_progress_bar_config(disable=True)
     native_width, native_height = native_size(pipe)
     width, height = s.width or native_width, s.height or native_height
-    total = s.steps * s.num_images
-    images, seeds, seconds, trace = [], [], [], []
-    for i in range(s.num_images):
+
+    def sample(seed: int, on_step):
         steps: list[dict] = []
 
-        def on_step(p, step, timestep, kwargs, i=i, steps=steps):
+        def record(p, step, timestep, kwargs):
             steps.append({"step": step + 1, "timestep": float(timestep)})
-            if progress is not None:
-                progress(i * s.steps + step + 1, total)
-            if cancel is not None and cancel.is_set():
-                p._interrupt = True
-            return kwargs
+            return on_step(p, step, timestep, kwargs)
 
-        seed = s.seed + i
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        start = time.perf_counter()
         image = pipe(
             prompt=recipe.expert_prompt(0),
             negative_prompt=recipe.negative_prompt or None,
@@ -142,26 +134,44 @@ def _sample_single(
             guidance_scale=s.guidance_scale,
             width=width,
             height=height,
-            generator=generator,
-            callback_on_step_end=on_step,
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+            callback_on_step_end=record,
         ).images[0]
+        return image, steps
+
+    return _each_image(recipe, [source], str(pipe.device), progress, cancel, sample)
+
+
+def _each_image(recipe: Recipe, sources: list[registry.Source], device: str,
+                progress: Progress | None, cancel: threading.Event | None, sample) -> Result:
+    """The loop every method shares: image i with seed ``seed + i``, progress over all images,
+    cancel between steps, PNG metadata. ``sample(seed, on_step)`` makes one image and returns it
+    with its per-step trace; ``on_step`` is a diffusers ``callback_on_step_end``."""
+    s = recipe.sampler
+    total = s.steps * s.num_images
+    images, seeds, seconds, trace = [], [], [], []
+    for i in range(s.num_images):
+
+        def on_step(p, step, timestep, kwargs, i=i):
+            if progress is not None:
+                progress(i * s.steps + step + 1, total)
+            if cancel is not None and cancel.is_set():
+                p._interrupt = True
+            return kwargs
+
+        seed = s.seed + i
+        start = time.perf_counter()
+        image, steps = sample(seed, on_step)
         if cancel is not None and cancel.is_set():
             raise Cancelled(images)
         seconds.append(time.perf_counter() - start)
         images.append(image)
         seeds.append(seed)
         trace.append(steps)
-    model_hashes, lora_hashes = _hashes(recipe, [source])
+    model_hashes, lora_hashes = _hashes(recipe, sources)
     metadata = [png_info(recipe, i, model_hashes, lora_hashes) for i in range(len(images))]
-    return Result(
-        recipe=recipe,
-        images=images,
-        seeds=seeds,
-        seconds=seconds,
-        trace=trace,
-        metadata=metadata,
-        device=str(pipe.device),
-    )
+    return Result(recipe=recipe, images=images, seeds=seeds, seconds=seconds, trace=trace,
+                  metadata=metadata, device=device)
 
 
 def _hashes(recipe: Recipe, sources: list[registry.Source]) -> tuple[dict, dict]:
@@ -204,18 +214,8 @@ def _sample_superpose(recipe: Recipe, sources: list[registry.Source], leases: di
     s = recipe.sampler
     native_width, native_height = native_size(pipes[0])
     width, height = s.width or native_width, s.height or native_height
-    total = s.steps * s.num_images
-    images, seeds, seconds, trace = [], [], [], []
-    for i in range(s.num_images):
-        def on_step(p, step, timestep, kwargs, i=i):
-            if progress is not None:
-                progress(i * s.steps + step + 1, total)
-            if cancel is not None and cancel.is_set():
-                p._interrupt = True
-            return kwargs
 
-        seed = s.seed + i
-        start = time.perf_counter()
+    def sample(seed: int, on_step):
         out = pipe(
             experts=experts,
             negative_prompt=recipe.negative_prompt or None,
@@ -229,17 +229,11 @@ def _sample_superpose(recipe: Recipe, sources: list[registry.Source], leases: di
             bias=list(settings.bias) if settings and settings.bias else None,
             callback_on_step_end=on_step,
         )
-        if cancel is not None and cancel.is_set():
-            raise Cancelled(images)
-        seconds.append(time.perf_counter() - start)
-        images.append(out.images[0])
-        seeds.append(seed)
-        trace.append([
+        steps = [
             {"step": k + 1, "kappa": out.kappa[k, :, 0].tolist(),
              "log_density": out.log_density[k + 1, :, 0].tolist()}
             for k in range(out.kappa.shape[0])
-        ])
-    model_hashes, lora_hashes = _hashes(recipe, sources)
-    metadata = [png_info(recipe, i, model_hashes, lora_hashes) for i in range(len(images))]
-    return Result(recipe=recipe, images=images, seeds=seeds, seconds=seconds, trace=trace,
-                  metadata=metadata, device=str(pipe.device))
+        ]
+        return out.images[0], steps
+
+    return _each_image(recipe, sources, str(pipe.device), progress, cancel, sample)

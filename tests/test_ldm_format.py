@@ -1,12 +1,13 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from composer import engine, registry
 from composer.ldm_format import pipeline_to_ldm, save_single_file, unet_to_ldm
 from composer.recipe import RecipeError, parse
+from toyworld.train import make_unet
 
 
 def test_diffusers_reads_back_every_tensor_we_write(tiny_sd1, tmp_path):
@@ -25,16 +26,7 @@ def test_unet_layout_follows_the_config_for_three_levels():
     """The toy zoo's U-Net (3 levels, attention in the first two) maps as the SD formula says."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    unet = make_unet()
     state = unet.state_dict()
     ldm = unet_to_ldm(state, dict(unet.config))
     assert "model.diffusion_model.input_blocks.2.0.op.weight" in ldm
