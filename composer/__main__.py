@@ -1,4 +1,4 @@
-"""The command line: ``python -m composer generate | info | models`` (../shared/RECIPE.md).
+"""The command line: ``python -m composer generate | merge | info | models`` (../shared/RECIPE.md).
 
 Every user mistake ends as one line on stderr and exit status 2, never a traceback.
 """
@@ -15,17 +15,9 @@ from composer.recipe import RecipeError
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from composer import engine, registry
-    from composer.recipe import apply_overrides, parse
+    from composer import engine
 
-    text = sys.stdin.read() if args.recipe == "-" else _read(args.recipe)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RecipeError(f"recipe: {args.recipe} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"recipe: {args.recipe} must hold a JSON object")
-    recipe = parse(apply_overrides(data, args.set), check=registry.check_reference)
+    recipe = _load_recipe(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -43,6 +35,30 @@ def _generate(args: argparse.Namespace) -> int:
             ),
             flush=True,
         )
+    return 0
+
+
+def _load_recipe(args: argparse.Namespace):
+    from composer import registry
+    from composer.recipe import apply_overrides, parse
+
+    text = sys.stdin.read() if args.recipe == "-" else _read(args.recipe)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"recipe: {args.recipe} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe: {args.recipe} must hold a JSON object")
+    return parse(apply_overrides(data, args.set), check=registry.check_reference)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from composer.merge.export import export
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise RecipeError(f"--out: {args.out!r} is not accepted; expected a .safetensors path")
+    print(json.dumps(export(_load_recipe(args), out, args.dtype)), flush=True)
     return 0
 
 
@@ -108,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         help="override a field, e.g. --set sampler.seed=3 (repeatable)",
     )
     gen.set_defaults(run=_generate)
+    merge = sub.add_parser(
+        "merge", help="export a merge recipe to one .safetensors checkpoint, tensor by tensor"
+    )
+    merge.add_argument("recipe", help="recipe JSON file (method merge), or - for stdin")
+    merge.add_argument("--out", required=True, help="the .safetensors file to write")
+    merge.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    merge.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    merge.set_defaults(run=_merge)
     info = sub.add_parser("info", help="print the recipe stored in a PNG")
     info.add_argument("image")
     info.set_defaults(run=_info)

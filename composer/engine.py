@@ -21,7 +21,7 @@ from PIL import Image
 
 from composer import registry
 from composer.pnginfo import png_info
-from composer.recipe import Recipe, RecipeError
+from composer.recipe import Merge, Recipe, RecipeError
 from composer.schedulers import make_scheduler
 
 Progress = Callable[[int, int], None]
@@ -47,9 +47,11 @@ class Result:
     metadata: list = field(default_factory=list)
     """One ``PngInfo`` per image (``composer_recipe`` + A1111 ``parameters``)."""
     device: str = ""
+    merge_seconds: float | None = None
+    """``merge``: seconds spent merging weights (0.0 when the live merge was reused)."""
 
 
-IMPLEMENTED = ("single", "superpose")
+IMPLEMENTED = ("single", "superpose", "merge")
 
 
 def generate(
@@ -66,37 +68,39 @@ def generate(
         )
     cache = cache or registry.CACHE
     sources, loras = _resolve(recipe)
-    by_location = {src.location: src for src in sources}
+    base = None
+    if recipe.method == "merge":
+        from composer.merge.plan import check_settings
+
+        settings = recipe.merge or Merge()
+        check_settings(settings, len(sources), settings.base is not None)
+        if any(loras):
+            raise RecipeError(
+                "experts: LoRAs on the experts of a merge are not supported yet; merge the "
+                "checkpoints, or superpose the LoRA variants"
+            )
+        if settings.base is not None:
+            base = registry.resolve_model(settings.base, "merge.base")
+    by_location = {src.location: src for src in [*sources, *([base] if base else [])]}
     with ExitStack() as stack:
         leases = {loc: stack.enter_context(cache.lease(by_location[loc]))
                   for loc in sorted(by_location)}  # one lock order for every request
-        for loc, lease in leases.items():
-            lease.use_loras(loras[loc])
         if recipe.method == "single":
+            leases[sources[0].location].use_loras(loras[0])
             return _sample_single(recipe, leases[sources[0].location].pipe, sources[0],
                                   progress, cancel)
-        return _sample_superpose(recipe, sources, leases, progress, cancel)
+        if recipe.method == "merge":
+            return _sample_merge(recipe, sources, base, leases, progress, cancel)
+        return _sample_superpose(recipe, sources, loras, leases, progress, cancel)
 
 
-def _resolve(recipe: Recipe) -> tuple[list[registry.Source], dict[str, list[tuple[str, float]]]]:
-    """Each expert's model source, and the LoRAs each distinct model runs with.
-
-    Experts that share a model share its U-Net module, so they must ask for the same LoRAs.
-    """
-    sources, loras, owner = [], {}, {}
+def _resolve(recipe: Recipe) -> tuple[list[registry.Source], list[list[tuple[str, float]]]]:
+    """Each expert's model source and its LoRAs (resolved path, strength)."""
+    sources, loras = [], []
     for i, expert in enumerate(recipe.experts):
-        source = registry.resolve_model(expert.model, f"experts[{i}].model")
-        wanted = [(registry.resolve_lora(lo.path, f"experts[{i}].loras[{j}].path"), lo.weight)
-                  for j, lo in enumerate(expert.loras)]
-        if source.location in loras and loras[source.location] != wanted:
-            raise RecipeError(
-                f"experts[{i}].loras: experts[{owner[source.location]}] and experts[{i}] use the "
-                f"same model {expert.model!r} with different LoRAs; one model runs with one set "
-                "of LoRAs per generation (give each LoRA variant its own model file)"
-            )
-        loras.setdefault(source.location, wanted)
-        owner.setdefault(source.location, i)
-        sources.append(source)
+        sources.append(registry.resolve_model(expert.model, f"experts[{i}].model"))
+        loras.append([(registry.resolve_lora(lo.path, f"experts[{i}].loras[{j}].path"), lo.weight)
+                      for j, lo in enumerate(expert.loras)])
     return sources, loras
 
 
@@ -105,16 +109,40 @@ def native_size(pipe) -> tuple[int, int]:
     return side, side
 
 
+def _sample_merge(recipe: Recipe, sources: list[registry.Source], base: registry.Source | None,
+                  leases: dict, progress: Progress | None,
+                  cancel: threading.Event | None) -> Result:
+    """Live weight merge (issue 5): the experts' cached U-Nets merged on their device into a
+    scratch U-Net (``composer.merge.live``), sampled with the first expert's text encoder, VAE
+    and scheduler. No adapters are active on the sources while they are read."""
+    from composer.merge.live import merged_unet
+
+    for lease in leases.values():
+        lease.use_loras([])
+    experts = [(src.reference, leases[src.location].pipe.unet, e.weight)
+               for src, e in zip(sources, recipe.experts, strict=True)]
+    base_unet = (base.reference, leases[base.location].pipe.unet) if base else None
+    first = leases[sources[0].location].pipe
+    with merged_unet(recipe.merge or Merge(), experts, base_unet) as merged:
+        result = _sample_single(recipe, first, sources, progress, cancel, unet=merged.unet)
+    result.merge_seconds = merged.seconds
+    return result
+
+
 def _sample_single(
     recipe: Recipe,
     shared_pipe,
-    source: registry.Source,
+    source: registry.Source | list[registry.Source],
     progress: Progress | None,
     cancel: threading.Event | None,
+    unet=None,
 ) -> Result:
     s = recipe.sampler
+    components = {"unet": unet} if unet is not None else {}
     pipe = type(shared_pipe).from_pipe(
-        shared_pipe, scheduler=make_scheduler(s.scheduler, shared_pipe.scheduler.config)
+        shared_pipe,
+        scheduler=make_scheduler(s.scheduler, shared_pipe.scheduler.config),
+        **components,
     )
     pipe.set_progress_bar_config(disable=True)
     native_width, native_height = native_size(pipe)
@@ -139,7 +167,8 @@ def _sample_single(
         ).images[0]
         return image, steps
 
-    return _each_image(recipe, [source], str(pipe.device), progress, cancel, sample)
+    sources = source if isinstance(source, list) else [source]
+    return _each_image(recipe, sources, str(pipe.device), progress, cancel, sample)
 
 
 def _each_image(recipe: Recipe, sources: list[registry.Source], device: str,
@@ -174,6 +203,28 @@ def _each_image(recipe: Recipe, sources: list[registry.Source], device: str,
                   metadata=metadata, device=device)
 
 
+def _expert_adapters(sources: list[registry.Source], loras: list[list[tuple[str, float]]],
+                     leases: dict) -> list[tuple | None]:
+    """Per expert, the adapters the pipeline activates for it: ``None`` where every expert on
+    that model has the same LoRAs (activated once here), else its own (name, strength) pairs."""
+    adapters: list[tuple | None] = [None] * len(sources)
+    for loc in dict.fromkeys(src.location for src in sources):
+        mine = [i for i, src in enumerate(sources) if src.location == loc]
+        lease = leases[loc]
+        if all(loras[i] == loras[mine[0]] for i in mine):
+            lease.use_loras(loras[mine[0]])
+            continue
+        needed = {path for i in mine for path, _ in loras[i]}
+        if len(needed) > registry.MAX_ADAPTERS:
+            raise RecipeError(
+                f"experts: the experts on {sources[mine[0]].reference!r} use {len(needed)} "
+                f"different LoRAs; at most {registry.MAX_ADAPTERS} per model in one generation"
+            )
+        for i in mine:
+            adapters[i] = lease.load_loras(loras[i], keep=needed)
+    return adapters
+
+
 def _hashes(recipe: Recipe, sources: list[registry.Source]) -> tuple[dict, dict]:
     model_hashes = {}
     for source in sources:
@@ -189,12 +240,16 @@ def _hashes(recipe: Recipe, sources: list[registry.Source]) -> tuple[dict, dict]
     return model_hashes, lora_hashes
 
 
-def _sample_superpose(recipe: Recipe, sources: list[registry.Source], leases: dict,
+def _sample_superpose(recipe: Recipe, sources: list[registry.Source],
+                      loras: list[list[tuple[str, float]]], leases: dict,
                       progress: Progress | None, cancel: threading.Event | None) -> Result:
     """SuperDiff (Skreta et al. 2025) through ``SuperpositionPipeline``: experts on one model
-    share its U-Net and run in one batched call. The recipe's scheduler is not used: the
-    density estimate needs the pipeline's own Euler–Maruyama steps (FIELD_NOTES, SuperDiff)."""
+    with the same LoRAs share its U-Net and run in one batched call; LoRA variants of one model
+    share its U-Net too, with their adapters switched per call. The recipe's scheduler is not
+    used: the density estimate needs the pipeline's own Euler–Maruyama steps (FIELD_NOTES)."""
     from pipelines.superposition import SuperpositionPipeline
+
+    adapters = _expert_adapters(sources, loras, leases)
 
     order = list(dict.fromkeys(src.location for src in sources))
     pipes = [leases[loc].pipe for loc in order]
@@ -209,7 +264,7 @@ def _sample_superpose(recipe: Recipe, sources: list[registry.Source], leases: di
     pipe.set_progress_bar_config(disable=True)
     settings = recipe.superpose
     mode = settings.mode if settings else "or"
-    experts = [(order.index(src.location), recipe.expert_prompt(i))
+    experts = [(order.index(src.location), recipe.expert_prompt(i), adapters[i])
                for i, src in enumerate(sources)]
     s = recipe.sampler
     native_width, native_height = native_size(pipes[0])

@@ -82,6 +82,17 @@ def _map_key(key: str, prefixes: dict[str, str]) -> str:
     return prefixes[best] + rest
 
 
+def unet_name_map(config: dict) -> dict[str, str]:
+    """Every parameter of the U-Net that ``config`` describes: diffusers name → LDM name (without
+    ``UNET_PREFIX``). Built on the meta device: no memory, no weights."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    prefixes = unet_prefix_map(config)
+    return {k: _map_key(k, prefixes) for k in unet.state_dict()}
+
+
 def unet_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     prefixes = unet_prefix_map(config)
     return {UNET_PREFIX + _map_key(k, prefixes): v for k, v in state.items()}

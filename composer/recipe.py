@@ -27,7 +27,12 @@ MERGE_METHODS = (
     "model_stock",
     "consensus",
 )
-SUPERPOSE_MODES = ("or", "and")
+SIGN_RULES = ("mass", "count")
+TRIM_SCOPES = ("tensor", "model")
+SUPERPOSE_MODES = ("or", "and", "average", "joint")
+"""SuperDiff OR and AND, and the paper's two baselines: fixed weights (softmax of the bias, equal
+without one) and one joint prompt (the experts' prompts joined with " and ", first expert's
+model)."""
 MAX_EXPERTS = 8
 MAX_LORAS = 8
 MAX_STEPS = 150
@@ -112,6 +117,17 @@ class Merge:
     lambda_: float = 1.0
     seed: int = 0
     block_weights: tuple[float, ...] | None = None
+    overrides: tuple[tuple[str, float], ...] = ()
+    """Per-parameter regex → coefficient, applied after the block weights (last match wins)."""
+    sign_rule: str = "mass"
+    """TIES/DARE-TIES sign election: ``mass`` (the paper) or ``count``."""
+    trim_scope: str = "tensor"
+    """TIES trim thresholds per ``tensor`` (peft, most tools) or over the whole ``model`` (the
+    TIES reference code)."""
+    consensus_of: str = "task_arithmetic"
+    """``consensus``: the merge its masks are applied to, ``task_arithmetic`` or ``ties``."""
+    consensus_k: int = 2
+    mask_lambda: float = 0.4
 
 
 @dataclass(frozen=True)
@@ -159,6 +175,7 @@ class Recipe:
             merge = asdict(self.merge)
             merge["lambda"] = merge.pop("lambda_")
             merge["block_weights"] = _listed(merge["block_weights"])
+            merge["overrides"] = [{"pattern": p, "weight": w} for p, w in self.merge.overrides]
             out["merge"] = merge
         if self.superpose is not None:
             out["superpose"] = {**asdict(self.superpose), "bias": _listed(self.superpose.bias)}
@@ -279,9 +296,35 @@ def _merge(obj: _Fields | None, n_experts: int) -> Merge | None:
         lambda_=obj.number("lambda", default=1.0, low=-10.0, high=10.0),
         seed=obj.integer("seed", default=0, low=0, high=MAX_SEED),
         block_weights=obj.numbers("block_weights", default=None, low=-10.0, high=10.0),
+        overrides=tuple(
+            _override(f"{obj.where}.overrides[{j}]", o)
+            for j, o in enumerate(obj.array("overrides", default=[], high=64))
+        ),
+        sign_rule=obj.choice("sign_rule", SIGN_RULES, default="mass"),
+        trim_scope=obj.choice("trim_scope", TRIM_SCOPES, default="tensor"),
+        consensus_of=obj.choice(
+            "consensus_of", ("task_arithmetic", "ties"), default="task_arithmetic"
+        ),
+        consensus_k=obj.integer("consensus_k", default=2, low=1, high=MAX_EXPERTS),
+        mask_lambda=obj.number("mask_lambda", default=0.4, low=0.0, high=10.0),
     )
     obj.done()
     return merge
+
+
+def _override(where: str, data: Any) -> tuple[str, float]:
+    obj = _Fields(where, data)
+    pattern = obj.text("pattern", required=True)
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise RecipeError(
+            f"{where}.pattern: {pattern!r} is not accepted; expected a Python regular "
+            f"expression ({e})"
+        ) from None
+    weight = obj.number("weight", default=1.0, low=-10.0, high=10.0)
+    obj.done()
+    return pattern, weight
 
 
 def _superpose(obj: _Fields | None, n_experts: int) -> Superpose | None:

@@ -31,7 +31,11 @@ from safetensors import safe_open
 from composer.ldm_format import CONFIG_KEY
 from composer.recipe import RecipeError, looks_like_hub_id
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(
+    os.environ.get("COMPOSER_ASSETS") or Path(__file__).resolve().parent.parent / "assets"
+)
+"""The bundled zoo; ``COMPOSER_ASSETS`` points the app at another folder of the same layout
+(``models/``, ``loras/``, ``aggregators/``), e.g. a freshly trained zoo before it is bundled."""
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 DEFAULT_MODEL = "toy-warm"
@@ -323,24 +327,32 @@ class Lease:
             if self.entry.adapters:
                 pipe.disable_lora()
             return
+        adapters = self.load_loras(loras)
+        pipe.enable_lora()
+        pipe.set_adapters([n for n, _ in adapters], adapter_weights=[w for _, w in adapters])
+
+    def load_loras(
+        self, loras: list[tuple[str, float]], keep: set[str] = frozenset()
+    ) -> tuple[tuple[str, float], ...]:
+        """Load ``loras`` as adapters (if not loaded yet) without changing which are active;
+        returns their (adapter name, strength) pairs. Making room never unloads ``keep``."""
         names = []
         for path, _ in loras:
             name = self.entry.adapters.get(path)
             if name is None:
-                self._make_room(keep={p for p, _ in loras})
+                self._make_room(keep={p for p, _ in loras} | set(keep))
                 name = (
                     f"lora_{len(self.entry.adapters)}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
                 )
                 try:
-                    pipe.load_lora_weights(path, adapter_name=name)
+                    self.pipe.load_lora_weights(path, adapter_name=name)
                 except (OSError, ValueError, KeyError, RuntimeError) as e:
                     raise RecipeError(
                         f"LoRA {path!r} could not be applied to this model: {_first_line(str(e))}"
                     ) from None
                 self.entry.adapters[path] = name
             names.append(name)
-        pipe.enable_lora()
-        pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
+        return tuple(zip(names, (float(w) for _, w in loras), strict=True))
 
     def _make_room(self, keep: set[str]) -> None:
         """Delete the oldest loaded adapters beyond ``MAX_ADAPTERS`` (repeated LoRA swaps grow

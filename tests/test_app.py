@@ -1,11 +1,12 @@
 import json
+import math
 
 import pytest
 from PIL import Image
 
 import app
 from composer.pnginfo import read_recipe
-from composer.recipe import parse
+from composer.recipe import RecipeError, parse
 
 
 def recipe_json(model, **sampler):
@@ -51,6 +52,62 @@ def test_controls_and_recipe_convert_both_ways(tiny_sd1, tiny_lora):
     assert parse(app.recipe_dict(*values)) == recipe
 
 
+@pytest.mark.parametrize(
+    "superpose",
+    [
+        {"mode": "or", "temperature": 0.5, "bias": [0.0, math.log(3), 0.25]},
+        {"mode": "and", "temperature": 1.0, "bias": None},
+        {"mode": "joint", "temperature": 1.0, "bias": [0.3, -1.7, 2.0]},
+    ],
+)
+def test_superpose_controls_and_recipe_convert_both_ways(
+    tiny_sd1, tiny_sd1_other, tiny_lora, superpose
+):
+    app.build()
+    recipe = parse(
+        {
+            "prompt": "main",
+            "method": "superpose",
+            "experts": [
+                {"model": tiny_sd1, "loras": [{"path": tiny_lora, "weight": 0.7}]},
+                {"model": tiny_sd1_other, "prompt": "second"},
+                {"model": tiny_sd1_other, "prompt": "third"},
+            ],
+            "superpose": superpose,
+            "sampler": {"steps": 9, "seed": 4, "num_images": 2},
+        }
+    )
+    values = app.control_values(recipe)
+    named = dict(zip(app.control_names(), values, strict=True))
+    assert named["method"] == "superpose" and named["shown"] == 3
+    assert named["expert1.prompt"] == "second" and named["expert0.prompt"] == ""
+    assert parse(app.recipe_dict(*values)) == recipe  # the exact bias survives the round trip
+
+
+def test_target_shares_are_the_exponentiated_bias():
+    assert app.shares_of([0.0, math.log(3)]) == [1.0, 3.0]
+    assert app.shares_of([2.0, 2.0]) == [1.0, 1.0]
+    # an edited share replaces the restored bias; equal shares mean no bias
+    assert app.bias_of([1.0, 3.0], [0.0, 0.5]) == pytest.approx([0.0, math.log(3)])
+    assert app.bias_of([2.0, 2.0], None) is None
+    assert app.bias_of(app.shares_of([0.1, 0.9]), [0.1, 0.9]) == [0.1, 0.9]
+
+
+def test_a_zero_share_is_refused_by_the_recipe_parser(tiny_sd1):
+    app.build()
+    recipe = parse(
+        {
+            "prompt": "a",
+            "method": "superpose",
+            "experts": [{"model": tiny_sd1}, {"model": tiny_sd1, "prompt": "b"}],
+        }
+    )
+    named = dict(zip(app.control_names(), app.control_values(recipe), strict=True))
+    named["expert1.share"] = 0.0
+    with pytest.raises(RecipeError, match=r"superpose\.bias"):
+        parse(app.recipe_dict(*named.values()))
+
+
 @pytest.fixture(scope="module")
 def served():
     from gradio_client import Client
@@ -71,7 +128,9 @@ def served():
 
 
 def test_generate_endpoint_returns_pngs_that_carry_their_recipe(served, tiny_sd1):
-    gallery, recipe_text, status = served.predict(recipe_json(tiny_sd1), api_name="/generate")
+    gallery, recipe_text, status, _plot = served.predict(
+        recipe_json(tiny_sd1), api_name="/generate"
+    )
     assert len(gallery) == 2 and "2 image(s)" in status
     assert json.loads(recipe_text)["sampler"]["scheduler"] == "euler_a"
     second = read_recipe(gallery[1]["image"])
@@ -87,16 +146,44 @@ def test_bad_request_is_an_error_message_and_the_server_stays_up(served, tiny_sd
         served.predict(recipe_json(tiny_sd1, steps=0), api_name="/generate")
     with pytest.raises(AppError, match="unknown model"):
         served.predict(recipe_json("nothing-here"), api_name="/generate")
-    gallery, _, _ = served.predict(recipe_json(tiny_sd1, num_images=1), api_name="/generate")
+    gallery, *_ = served.predict(recipe_json(tiny_sd1, num_images=1), api_name="/generate")
     assert len(gallery) == 1
 
 
+def test_superpose_endpoint_returns_kappa_per_step_for_the_plot(served, tiny_sd1):
+    text = json.dumps(
+        {
+            "prompt": "a red circle",
+            "method": "superpose",
+            "experts": [{"model": tiny_sd1}, {"model": tiny_sd1, "prompt": "a blue square"}],
+            "superpose": {"mode": "or", "bias": [0.0, 1.0]},
+            "sampler": {"steps": 4, "seed": 2, "num_images": 2},
+        }
+    )
+    gallery, _, _status, plot = served.predict(text, api_name="/generate")
+    assert len(gallery) == 2
+    with Image.open(gallery[0]["image"]) as im:
+        assert "SuperDiff" in im.info["parameters"]
+    rows = plot["value"]["data"]
+    columns = plot["value"]["columns"]
+    table = [dict(zip(columns, row, strict=True)) for row in rows]
+    assert sorted({r["step"] for r in table}) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        kappas = [r["kappa"] for r in table if r["step"] == step]
+        assert len(kappas) == 2 and sum(kappas) == pytest.approx(1.0, abs=1e-6)
+    # step 1 is decided before any density is accumulated: κ = softmax(bias)
+    first = [r["kappa"] for r in table if r["step"] == 1]
+    assert first == pytest.approx([1 / (1 + math.e), math.e / (1 + math.e)], abs=1e-6)
+
+
 def test_dropped_png_restores_every_control(served, tiny_sd1):
-    gallery, _, _ = served.predict(recipe_json(tiny_sd1), api_name="/generate")
+    gallery, *_ = served.predict(recipe_json(tiny_sd1), api_name="/generate")
     with Image.open(gallery[0]["image"]) as im:
         im.load()
         values = app.restore_from_png(im)
-    controls, shown = values[:-1], values[-1]
+    n = len(app.CONTROLS)
+    controls, shown, tab = values[:n], values[n], values[n + 1]
+    assert tab["selected"] == "single"
     restored = parse(app.recipe_dict(*controls))
     assert restored == read_recipe(gallery[0]["image"])
     assert json.loads(shown)["sampler"]["seed"] == 11
@@ -117,9 +204,10 @@ def test_a_recipe_the_controls_cannot_show_goes_to_the_recipe_panel(tiny_sd1):
         {
             "prompt": "a",
             "method": "superpose",
-            "experts": [{"model": tiny_sd1}, {"model": tiny_sd1, "prompt": "b"}],
+            "experts": [{"model": tiny_sd1, "prompt": str(k)} for k in range(app.PAGE_EXPERTS + 1)],
         }
     )
     values = app.restore_from_recipe(text)
-    assert all(v == gr.update() for v in values[:-1])
-    assert json.loads(values[-1])["method"] == "superpose"
+    n = len(app.CONTROLS)
+    assert all(v == gr.update() for v in values[:n])
+    assert json.loads(values[n])["method"] == "superpose"

@@ -222,3 +222,32 @@ def test_loads_like_any_diffusers_pipeline_and_takes_extra_unets(tiny_sd1, sd1_p
     out = sp("a circle", num_inference_steps=STEPS, generator=_gen(), output_type="latent")
     assert out.images.shape == (1, 4, 8, 8)
     assert out.kappa.shape == (STEPS, 2, 1)
+
+
+def test_lora_variants_as_experts_on_one_unet(tiny_sd1, tiny_lora):
+    """``(unet, prompt, adapters)`` experts: one U-Net, each expert with its own adapters. With
+    κ fixed to one expert (average mode, bias ±50) the image is that expert's alone."""
+    base = _load(StableDiffusionPipeline, tiny_sd1)
+    base.load_lora_weights(tiny_lora, adapter_name="style")  # into the U-Net the experts share
+    sp = SuperpositionPipeline.from_pipes([base])
+    sp.set_progress_bar_config(disable=True)
+
+    def latents(experts, bias):
+        return sp(
+            experts=experts,
+            num_inference_steps=STEPS,
+            guidance_scale=3.0,
+            generator=_gen(2),
+            mode="average",
+            bias=bias,
+            output_type="latent",
+        ).images
+
+    styled, plain = (0, "a circle", {"style": 1.0}), (0, "a circle", {})
+    first = latents([styled, plain], [50.0, -50.0])
+    second = latents([styled, plain], [-50.0, 50.0])
+    torch.testing.assert_close(first, latents([styled, styled], [50.0, -50.0]))
+    torch.testing.assert_close(second, latents([plain, plain], [-50.0, 50.0]))
+    assert (first - second).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"adapters \['nope'\] are not loaded"):
+        sp(experts=[(0, "a", {"nope": 1.0})], num_inference_steps=STEPS)

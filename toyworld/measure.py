@@ -47,34 +47,34 @@ CHECKS = (
 DEFAULT_SAMPLER = {"scheduler": "euler", "steps": 20, "guidance_scale": 5.0}
 
 
+def generate_labels(
+    recipe: dict, seeds: int, cache: registry.ModelCache | None = None
+) -> tuple[list[tuple[str, str]], float]:
+    """Run recipe JSON ``recipe`` with seeds 0 … seeds-1 (in recipes of ≤ 16 images) and return
+    the evaluator's (colour, shape) per image and the seconds spent sampling."""
+    images, seconds = [], 0.0
+    for start in range(0, seeds, MAX_IMAGES):
+        sampler = {**recipe.get("sampler", {}), "seed": start}
+        sampler["num_images"] = min(MAX_IMAGES, seeds - start)
+        parsed = parse({**recipe, "sampler": sampler}, check=registry.check_reference)
+        result = engine.generate(parsed, cache=cache)
+        images += result.images
+        seconds += sum(result.seconds)
+    return [classify(image) for image in images], seconds
+
+
 def measure(
     check: Check, seeds: int, cache: registry.ModelCache | None = None, sampler: dict | None = None
 ) -> dict:
     """Generate ``seeds`` images for ``check`` and count what the evaluator sees."""
-    images, seconds = [], 0.0
-    for start in range(0, seeds, MAX_IMAGES):  # seeds 0 … seeds-1, in recipes of ≤ 16 images
-        recipe = parse(
-            {
-                "prompt": check.prompt,
-                "experts": [
-                    {
-                        "model": check.model,
-                        "loras": [{"path": p, "weight": 1.0} for p in check.loras],
-                    }
-                ],
-                "sampler": {
-                    **DEFAULT_SAMPLER,
-                    **(sampler or {}),
-                    "seed": start,
-                    "num_images": min(MAX_IMAGES, seeds - start),
-                },
-            },
-            check=registry.check_reference,
-        )
-        result = engine.generate(recipe, cache=cache)
-        images += result.images
-        seconds += sum(result.seconds)
-    labels = [classify(image) for image in images]
+    recipe = {
+        "prompt": check.prompt,
+        "experts": [
+            {"model": check.model, "loras": [{"path": p, "weight": 1.0} for p in check.loras]}
+        ],
+        "sampler": {**DEFAULT_SAMPLER, **(sampler or {})},
+    }
+    labels, seconds = generate_labels(recipe, seeds, cache)
     passed = sum(
         (check.color is None or c == check.color) and (check.shape is None or s == check.shape)
         for c, s in labels

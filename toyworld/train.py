@@ -78,6 +78,12 @@ OFFSET_NOISE = 0.1
 noise. An 8×8 latent's colour is mostly its per-channel mean; without this term the U-Net
 barely learns to remove the mean of the noise, and the first model drew gray prompts in
 colours set by the seed."""
+MIN_SNR_GAMMA = 5.0
+"""Min-SNR-γ loss weighting (Hang et al. 2023, §3.3; for ε-prediction the weight is
+min(SNR(t), γ)/SNR(t)). The first zoo, trained with a flat ε-MSE, drew its shapes well but
+tinted them (gray prompts came out greenish, brownish or purple): the flat loss spends most of
+its gradient on low-noise steps, where only edges are left to fix, and too little on the
+high-noise steps that decide an object's colour. This weighting moves it there."""
 
 
 def make_vae() -> AutoencoderKL:
@@ -313,6 +319,7 @@ def train_unet(
     )
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     noise_scheduler = DDPMScheduler(**TRAIN_SCHEDULER)
+    alphas_cumprod = noise_scheduler.alphas_cumprod
     unet, opt = accelerator.prepare(unet, opt)
     scale = vae.config.scaling_factor
     gen = torch.Generator().manual_seed(seed)
@@ -326,7 +333,10 @@ def train_unet(
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=gen)
         zt = noise_scheduler.add_noise(z0, noise, t)
         pred = unet(zt.to(device), t.to(device), cond.to(device)).sample
-        loss = F.mse_loss(pred.float(), noise.to(device))
+        snr = alphas_cumprod[t] / (1.0 - alphas_cumprod[t])
+        weight = (snr.clamp(max=MIN_SNR_GAMMA) / snr).to(device)
+        per_image = F.mse_loss(pred.float(), noise.to(device), reduction="none").mean((1, 2, 3))
+        loss = (weight * per_image).mean()
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         opt.step()
@@ -345,6 +355,8 @@ def train_unet(
         "seconds": round(seconds, 1),
         "images": len(images),
         "lora_rank": lora_rank,
+        "min_snr_gamma": MIN_SNR_GAMMA,
+        "offset_noise": OFFSET_NOISE,
         "device": describe_device(device),
     }
 
@@ -404,11 +416,11 @@ def save_lora(out: Path, name: str, unet) -> Path:
 
 STAGE_DEFAULTS = {
     "vae": {"steps": 2000, "batch": 32},
-    "base": {"steps": 2000, "batch": 64, "lr": 5e-4},
-    "warm": {"steps": 600, "batch": 64, "lr": 2e-4},
-    "cool": {"steps": 600, "batch": 64, "lr": 2e-4},
-    "purple": {"steps": 600, "batch": 64, "lr": 1e-3, "rank": 8},
-    "star": {"steps": 600, "batch": 64, "lr": 1e-3, "rank": 8},
+    "base": {"steps": 6000, "batch": 64, "lr": 5e-4},
+    "warm": {"steps": 1500, "batch": 64, "lr": 2e-4},
+    "cool": {"steps": 1500, "batch": 64, "lr": 2e-4},
+    "purple": {"steps": 1500, "batch": 64, "lr": 1e-3, "rank": 8},
+    "star": {"steps": 1500, "batch": 64, "lr": 1e-3, "rank": 8},
 }
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -44,6 +44,11 @@ from diffusers import (
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders.lora_base import (
+    disable_lora_for_text_encoder,
+    enable_lora_for_text_encoder,
+    set_adapters_for_text_encoder,
+)
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -57,8 +62,16 @@ from pipelines.superposition.sampler import sample_superposition
 
 PIPELINE_MODES = ("or", "and", "average", "joint")
 
-Expert = tuple[int | UNet2DConditionModel, str]
-"""One expert: a U-Net (its index in ``pipe.unets``, or the module itself) and its prompt."""
+Expert = (
+    tuple[int | UNet2DConditionModel, str]
+    | tuple[int | UNet2DConditionModel, str, Mapping[str, float] | None]
+)
+"""One expert: a U-Net (its index in ``pipe.unets``, or the module itself), its prompt and
+optionally the LoRA adapters (loaded name → strength) active while it runs: ``{}`` for none,
+``None`` (or a 2-tuple) to leave the adapters as they are. Two LoRA variants of one model are
+two experts on one U-Net with different adapters: ``[(0, "a circle", {"purple": 1.0}),
+(0, "a star", {"star": 1.0})]``."""
+Adapters = tuple[tuple[str, float], ...] | None
 
 _VAE_KEYS = ("latent_channels", "scaling_factor", "block_out_channels")
 _SCHEDULE_KEYS = (
@@ -97,6 +110,7 @@ class _UNetBatch:
     experts: list[int]
     embeds: torch.Tensor
     added_cond_kwargs: dict[str, torch.Tensor] | None
+    adapters: Adapters = None
 
 
 def is_sdxl_unet(unet: UNet2DConditionModel) -> bool:
@@ -288,7 +302,7 @@ class SuperpositionPipeline(DiffusionPipeline):
 
     def _resolve_experts(
         self, prompt: str | list[str] | None, experts: Sequence[Expert] | None
-    ) -> list[tuple[UNet2DConditionModel, str]]:
+    ) -> list[tuple[UNet2DConditionModel, str, Adapters]]:
         unets = self.unets
         if experts is None:
             if prompt is None:
@@ -299,13 +313,21 @@ class SuperpositionPipeline(DiffusionPipeline):
                     f"prompt is a list of {len(prompts)} prompts for {len(unets)} U-Nets; "
                     "give one prompt per U-Net, a single str, or experts=[(unet_index, prompt), …]"
                 )
-            return list(zip(unets, prompts, strict=True))
+            return [(unet, text, None) for unet, text in zip(unets, prompts, strict=True)]
         if prompt is not None:
             raise ValueError("give either prompt or experts (each expert carries its own prompt)")
         if not experts:
             raise ValueError("experts is empty; give at least one (unet_index, prompt) pair")
         resolved = []
-        for unet, text in experts:
+        for expert in experts:
+            if len(expert) not in (2, 3):
+                raise ValueError(
+                    f"an expert is (unet, prompt) or (unet, prompt, adapters), not {expert!r}"
+                )
+            unet, text = expert[0], expert[1]
+            adapters = expert[2] if len(expert) == 3 else None
+            if adapters is not None:
+                adapters = tuple((str(name), float(w)) for name, w in dict(adapters).items())
             if isinstance(unet, int):
                 if not 0 <= unet < len(unets):
                     raise ValueError(
@@ -318,12 +340,52 @@ class SuperpositionPipeline(DiffusionPipeline):
                     f"an expert's {_family(unet)} U-Net cannot be superposed with this "
                     f"{_family(self.unet)} pipeline's latents"
                 )
-            resolved.append((unet, text))
+            if adapters:
+                self._check_adapters(unet, adapters)
+            resolved.append((unet, text, adapters))
         return resolved
+
+    def _text_encoders(self) -> list:
+        return [
+            te
+            for te in (self.text_encoder, getattr(self, "text_encoder_2", None))
+            if te is not None and getattr(te, "peft_config", None)
+        ]
+
+    def _check_adapters(self, unet: UNet2DConditionModel, adapters: Adapters) -> None:
+        known = set(getattr(unet, "peft_config", None) or {})
+        for te in self._text_encoders():
+            known |= set(te.peft_config)
+        missing = [name for name, _ in adapters if name not in known]
+        if missing:
+            raise ValueError(
+                f"adapters {missing} are not loaded on this expert's U-Net or text encoders "
+                f"(loaded: {sorted(known) or 'none'}); load them with load_lora_weights first"
+            )
+
+    def _activate(self, unet: UNet2DConditionModel, adapters: Adapters) -> None:
+        """Make exactly ``adapters`` active on ``unet`` and the text encoders (``None``: leave
+        them as they are). The last expert group's adapters stay active after a call."""
+        if adapters is None:
+            return
+        if getattr(unet, "peft_config", None):
+            mine = [(n, w) for n, w in adapters if n in unet.peft_config]
+            if mine:
+                unet.enable_adapters()
+                unet.set_adapters([n for n, _ in mine], [w for _, w in mine])
+            else:
+                unet.disable_adapters()
+        for te in self._text_encoders():
+            mine = [(n, w) for n, w in adapters if n in te.peft_config]
+            if mine:
+                enable_lora_for_text_encoder(te)
+                set_adapters_for_text_encoder([n for n, _ in mine], te, [w for _, w in mine])
+            else:
+                disable_lora_for_text_encoder(te)
 
     def _unet_batches(
         self,
-        experts: list[tuple[UNet2DConditionModel, str]],
+        experts: list[tuple[UNet2DConditionModel, str, Adapters]],
         negative_prompt: str | None,
         batch: int,
         height: int,
@@ -331,53 +393,55 @@ class SuperpositionPipeline(DiffusionPipeline):
         cfg: bool,
         device: torch.device,
     ) -> list[_UNetBatch]:
-        """Encode every expert's prompt once and group the experts by U-Net module.
+        """Encode every expert's prompt once and group the experts by U-Net module and adapters.
 
-        Experts on the same U-Net become one batched call whose batch is
-        [negative prompt (if ``cfg``), expert₁, …, expert_k], B images each.
+        Experts on the same U-Net with the same adapters become one batched call whose batch is
+        [negative prompt (if ``cfg``), expert₁, …, expert_k], B images each. Each group's prompts
+        are encoded with its adapters active, so LoRAs that also train the text encoder apply
+        to their own experts only.
         """
+        members: dict[tuple[int, Adapters], list[int]] = {}
+        for e, (unet, _, adapters) in enumerate(experts):
+            members.setdefault((id(unet), adapters), []).append(e)
         encoder = self._encoder_pipe()
-        prompts = [text for _, text in experts]
-        negatives = None if negative_prompt is None else [negative_prompt] * len(prompts)
-        pooled = neg_pooled = time_ids = None
-        if is_sdxl_unet(self.unet):
-            embeds, neg_embeds, pooled, neg_pooled = encoder.encode_prompt(
-                prompt=prompts,
-                device=device,
-                num_images_per_prompt=batch,
-                do_classifier_free_guidance=cfg,
-                negative_prompt=negatives,
-            )
-            projection_dim = (
-                self.text_encoder_2.config.projection_dim
-                if self.text_encoder_2 is not None
-                else int(pooled.shape[-1])
-            )
-            time_ids = encoder._get_add_time_ids(
-                (height, width), (0, 0), (height, width), embeds.dtype, projection_dim
-            ).to(device)
-        else:
-            embeds, neg_embeds = encoder.encode_prompt(
-                prompts, device, batch, cfg, negative_prompt=negatives
-            )
-
-        members: dict[int, list[int]] = {}
-        for e, (unet, _) in enumerate(experts):
-            members.setdefault(id(unet), []).append(e)
         groups = []
         for indices in members.values():
-            unet = experts[indices[0]][0]
-            rows = [slice(e * batch, (e + 1) * batch) for e in indices]
-            parts = ([neg_embeds[:batch]] if cfg else []) + [embeds[r] for r in rows]
+            unet, _, adapters = experts[indices[0]]
+            self._activate(unet, adapters)
+            prompts = [experts[e][1] for e in indices]
+            negatives = None if negative_prompt is None else [negative_prompt] * len(prompts)
             added_cond_kwargs = None
-            if pooled is not None:
-                text = ([neg_pooled[:batch]] if cfg else []) + [pooled[r] for r in rows]
+            if is_sdxl_unet(self.unet):
+                embeds, neg_embeds, pooled, neg_pooled = encoder.encode_prompt(
+                    prompt=prompts,
+                    device=device,
+                    num_images_per_prompt=batch,
+                    do_classifier_free_guidance=cfg,
+                    negative_prompt=negatives,
+                )
+                projection_dim = (
+                    self.text_encoder_2.config.projection_dim
+                    if self.text_encoder_2 is not None
+                    else int(pooled.shape[-1])
+                )
+                time_ids = encoder._get_add_time_ids(
+                    (height, width), (0, 0), (height, width), embeds.dtype, projection_dim
+                ).to(device)
+                text = ([neg_pooled[:batch]] if cfg else []) + [pooled]
+                rows = len(prompts) + int(cfg)
                 added_cond_kwargs = {
                     "text_embeds": torch.cat(text).to(unet.dtype),
-                    "time_ids": time_ids.repeat(len(parts) * batch, 1).to(unet.dtype),
+                    "time_ids": time_ids.repeat(rows * batch, 1).to(unet.dtype),
                 }
+            else:
+                embeds, neg_embeds = encoder.encode_prompt(
+                    prompts, device, batch, cfg, negative_prompt=negatives
+                )
+            parts = ([neg_embeds[:batch]] if cfg else []) + [embeds]
             groups.append(
-                _UNetBatch(unet, indices, torch.cat(parts).to(unet.dtype), added_cond_kwargs)
+                _UNetBatch(
+                    unet, indices, torch.cat(parts).to(unet.dtype), added_cond_kwargs, adapters
+                )
             )
         return groups
 
@@ -390,6 +454,12 @@ class SuperpositionPipeline(DiffusionPipeline):
     ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]]:
         """``denoise(x, σ)`` for ``sample_superposition``: one U-Net call per U-Net per step."""
         prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+        # adapters are switched per call only where one U-Net runs with several adapter sets
+        unets = [id(g.unet) for g in groups if g.adapters is not None]
+        switching = len(unets) != len(set(unets))
+        if not switching:
+            for group in groups:
+                self._activate(group.unet, group.adapters)
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor):
             s = float(sigma)
@@ -398,6 +468,8 @@ class SuperpositionPipeline(DiffusionPipeline):
             eps: list[torch.Tensor | None] = [None] * n_experts
             eps_uncond: list[torch.Tensor | None] = [None] * n_experts
             for group in groups:
+                if switching:
+                    self._activate(group.unet, group.adapters)
                 k = len(group.experts) + int(cfg)
                 out = group.unet(
                     x_vp.to(group.unet.dtype).repeat(k, *([1] * (x.dim() - 1))),
@@ -505,7 +577,8 @@ class SuperpositionPipeline(DiffusionPipeline):
             )
         resolved = self._resolve_experts(prompt, experts)
         if mode == "joint":
-            resolved = [(resolved[0][0], " and ".join(text for _, text in resolved))]
+            joined = " and ".join(text for _, text, _ in resolved)
+            resolved = [(resolved[0][0], joined, resolved[0][2])]
             sampler_mode, bias = "average", None
         else:
             sampler_mode = mode

@@ -1,0 +1,1 @@
+"""Weight merging of checkpoints and LoRAs (issue 5): pure tensor methods in ``methods``."""

@@ -1,0 +1,137 @@
+"""A recipe's ``merge`` section applied to whole models, one parameter tensor at a time.
+
+The same functions serve the live merge (tensors already on the device, ``composer.engine``) and
+the export (tensors streamed from files, ``composer.merge.export``): ``check_compatible`` before
+any work, ``whole_model_thresholds`` when TIES trims over the whole model, then ``merge_tensor``
+for each parameter name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from composer.merge import methods as m
+from composer.recipe import Merge, RecipeError
+
+NEEDS_BASE = frozenset(
+    {"add_difference", "task_arithmetic", "ties", "dare", "dare_ties", "model_stock", "consensus"}
+)
+EXACTLY_TWO = frozenset({"slerp", "add_difference"})
+
+
+def check_settings(settings: Merge, n_experts: int, has_base: bool) -> None:
+    """The combinations a merge needs, as ``RecipeError``s."""
+    if settings.method in NEEDS_BASE and not has_base:
+        raise RecipeError(
+            f"merge.base: null is not accepted for method {settings.method!r}; expected the "
+            "common ancestor of the experts (e.g. toy-base), whose weights the task vectors are "
+            "measured from"
+        )
+    if settings.method in EXACTLY_TWO and n_experts != 2:
+        raise RecipeError(f"experts: merge method {settings.method!r} takes exactly 2 experts")
+
+
+def check_compatible(models: Sequence[tuple[str, Mapping[str, tuple[int, ...]]]]) -> None:
+    """Refuse models whose parameters differ, naming both models and the first mismatch.
+
+    ``models`` is ``[(display name, {parameter name: shape})]``; the first is the reference."""
+    (first, shapes), rest = models[0], models[1:]
+    for other, theirs in rest:
+        missing = sorted(set(shapes) - set(theirs))
+        extra = sorted(set(theirs) - set(shapes))
+        if missing or extra:
+            what = f"{first} has {missing[0]}" if missing else f"{other} has {extra[0]}"
+            raise RecipeError(
+                f"experts: {first!r} and {other!r} cannot be merged: their U-Nets have different "
+                f"parameters ({what}, the other does not; SD 1.x, SD 2.x and SDXL do not merge "
+                "with each other)"
+            )
+        for name, shape in shapes.items():
+            if tuple(theirs[name]) != tuple(shape):
+                raise RecipeError(
+                    f"experts: {first!r} and {other!r} cannot be merged: {name} is "
+                    f"{tuple(shape)} in one and {tuple(theirs[name])} in the other"
+                )
+
+
+def merge_tensor(
+    settings: Merge,
+    name: str,
+    base: torch.Tensor | None,
+    experts: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    block_weight: float = 1.0,
+    thresholds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One parameter's merged value (fp32 in, fp32 out).
+
+    ``block_weight`` b scales how far this parameter moves from its reference (the base, or the
+    first expert for methods without one) toward the merge: θ_ref + b·(θ_merged − θ_ref), so
+    b = 1 is the plain merge and b = 0 keeps the reference (supermerger's per-block α when the
+    merge is a weighted sum with weights 1 − α, α). ``thresholds`` are TIES's whole-model trim
+    thresholds (one per expert), if ``settings.trim_scope`` is "model"."""
+    method = settings.method
+    lam, density, rule = settings.lambda_, settings.density, settings.sign_rule
+    if method == "weighted_sum":
+        out = m.weighted_sum(experts, weights)
+    elif method == "add_difference":
+        out = m.add_difference(experts[0], experts[1], base, lam)
+    elif method == "slerp":
+        total = weights[0] + weights[1]
+        if abs(total) < 1e-12:
+            raise RecipeError("experts: slerp weights add up to 0")
+        out = m.slerp(experts[0], experts[1], weights[1] / total)
+    elif method == "task_arithmetic":
+        out = m.task_arithmetic(base, experts, weights, lam)
+    elif method == "ties":
+        out = m.ties(base, experts, density, lam, weights, rule, thresholds)
+    elif method == "dare":
+        out = m.dare_linear(base, experts, density, settings.seed, name, lam, weights)
+    elif method == "dare_ties":
+        out = m.dare_ties(base, experts, density, settings.seed, name, lam, weights, rule)
+    elif method == "model_stock":
+        out = m.model_stock(base, experts)
+    elif method == "consensus":
+        if settings.consensus_of == "ties":
+            merged = m.ties(base, experts, density, 1.0, weights, rule, thresholds) - base
+        else:
+            merged = m.task_arithmetic(base, experts, weights, 1.0) - base
+        out = m.consensus(base, experts, merged, lam, settings.mask_lambda, settings.consensus_k)
+    else:
+        raise RecipeError(f"merge.method: {method!r} is not available")
+    if block_weight != 1.0:
+        ref = base if base is not None else experts[0]
+        out = ref + block_weight * (out - ref)
+    return out
+
+
+def whole_model_thresholds(
+    names: Iterable[str],
+    task_vector: Callable[[str, int], torch.Tensor],
+    n_experts: int,
+    density: float,
+) -> torch.Tensor:
+    """Per expert, the magnitude threshold that keeps its top ⌈ρ·P⌉ task-vector entries over all P
+    parameters of the model (the TIES reference code's whole-model ``topk_values_mask``).
+
+    Exact, without holding the model's task vector at once: a bisection on the float32 bit
+    pattern of the threshold (monotonic for non-negative floats), each round counting the
+    entries ≥ the candidate tensor by tensor, 32 rounds. ``task_vector(name, i)`` returns τᵢ."""
+    names = list(names)
+    total = sum(task_vector(n, 0).numel() for n in names)
+    keep = max(1, min(total, int(-(-density * total // 1))))
+    thresholds = []
+    for i in range(n_experts):
+        low, high = 0, 0x7F800000  # bit patterns of 0.0 and +inf
+        while low < high:  # the largest threshold t with count(|τ| ≥ t) ≥ keep
+            mid = (low + high + 1) // 2
+            value = torch.tensor(mid, dtype=torch.int32).view(torch.float32).item()
+            count = sum(int((task_vector(n, i).abs() >= value).sum()) for n in names)
+            if count >= keep:
+                low = mid
+            else:
+                high = mid - 1
+        thresholds.append(torch.tensor(low, dtype=torch.int32).view(torch.float32).item())
+    return torch.tensor(thresholds)
