@@ -62,6 +62,69 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lora(args: argparse.Namespace) -> int:
+    import time
+    from contextlib import ExitStack
+
+    from composer import registry
+    from composer.merge import lora
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise RecipeError(f"--out: {args.out!r} is not accepted; expected a .safetensors path")
+    if args.action == "merge":
+        paths = [registry.resolve_lora(p, "lora") for p in args.inputs]
+        strengths = args.strength or [1.0] * len(paths)
+        if len(strengths) != len(paths):
+            raise RecipeError(f"--strength: {len(strengths)} values for {len(paths)} LoRAs")
+        try:
+            pairs = lora.merge_files(
+                paths, strengths, args.method, args.rank, args.density, args.seed
+            )
+        except ValueError as e:
+            raise RecipeError(f"lora merge: {e}") from None
+        meta = {
+            "composer_lora_merge": json.dumps(
+                {
+                    "inputs": args.inputs,
+                    "strengths": strengths,
+                    "method": args.method,
+                    "rank": args.rank,
+                    "density": args.density,
+                    "seed": args.seed,
+                }
+            )
+        }
+    else:
+        from composer.merge.export import ModelFiles
+
+        if len(args.inputs) != 2:
+            raise RecipeError("lora extract: give two models, BASE then TUNED")
+        with ExitStack() as stack:
+            base, tuned = (
+                ModelFiles(registry.resolve_model(ref, "model"), "model", stack)
+                for ref in args.inputs
+            )
+            pairs = lora.extract_models(tuned, base, args.rank or 8)
+        meta = {
+            "composer_lora_extract": json.dumps(
+                {"base": args.inputs[0], "tuned": args.inputs[1], "rank": args.rank or 8}
+            )
+        }
+    lora.write_lora(str(out), pairs, meta)
+    print(
+        json.dumps(
+            {
+                "path": str(out),
+                "modules": len(pairs),
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        )
+    )
+    return 0
+
+
 def _read(path: str) -> str:
     try:
         return Path(path).read_text()
@@ -132,6 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     merge.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     merge.set_defaults(run=_merge)
+    lora = sub.add_parser(
+        "lora", help="merge LoRA files (exact or TIES/DARE on ΔW), or extract one from 2 models"
+    )
+    lora.add_argument("action", choices=["merge", "extract"])
+    lora.add_argument("inputs", nargs="+", help="merge: LoRAs; extract: BASE_MODEL TUNED_MODEL")
+    lora.add_argument("--out", required=True)
+    lora.add_argument("--strength", type=float, nargs="+", help="merge: one per LoRA (1.0)")
+    lora.add_argument("--method", choices=["concat", "ties", "dare_ties", "dare"], default="concat")
+    lora.add_argument("--rank", type=int, default=None, help="SVD to this rank (extract: 8)")
+    lora.add_argument("--density", type=float, default=0.2)
+    lora.add_argument("--seed", type=int, default=0)
+    lora.set_defaults(run=_lora)
     info = sub.add_parser("info", help="print the recipe stored in a PNG")
     info.add_argument("image")
     info.set_defaults(run=_info)

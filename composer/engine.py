@@ -83,12 +83,14 @@ def generate(
             base = registry.resolve_model(settings.base, "merge.base")
     by_location = {src.location: src for src in [*sources, *([base] if base else [])]}
     with ExitStack() as stack:
-        leases = {loc: stack.enter_context(cache.lease(by_location[loc]))
-                  for loc in sorted(by_location)}  # one lock order for every request
+        leases = {
+            loc: stack.enter_context(cache.lease(by_location[loc])) for loc in sorted(by_location)
+        }  # one lock order for every request
         if recipe.method == "single":
             leases[sources[0].location].use_loras(loras[0])
-            return _sample_single(recipe, leases[sources[0].location].pipe, sources[0],
-                                  progress, cancel)
+            return _sample_single(
+                recipe, leases[sources[0].location].pipe, sources[0], progress, cancel
+            )
         if recipe.method == "merge":
             return _sample_merge(recipe, sources, base, leases, progress, cancel)
         return _sample_superpose(recipe, sources, loras, leases, progress, cancel)
@@ -99,8 +101,12 @@ def _resolve(recipe: Recipe) -> tuple[list[registry.Source], list[list[tuple[str
     sources, loras = [], []
     for i, expert in enumerate(recipe.experts):
         sources.append(registry.resolve_model(expert.model, f"experts[{i}].model"))
-        loras.append([(registry.resolve_lora(lo.path, f"experts[{i}].loras[{j}].path"), lo.weight)
-                      for j, lo in enumerate(expert.loras)])
+        loras.append(
+            [
+                (registry.resolve_lora(lo.path, f"experts[{i}].loras[{j}].path"), lo.weight)
+                for j, lo in enumerate(expert.loras)
+            ]
+        )
     return sources, loras
 
 
@@ -109,9 +115,14 @@ def native_size(pipe) -> tuple[int, int]:
     return side, side
 
 
-def _sample_merge(recipe: Recipe, sources: list[registry.Source], base: registry.Source | None,
-                  leases: dict, progress: Progress | None,
-                  cancel: threading.Event | None) -> Result:
+def _sample_merge(
+    recipe: Recipe,
+    sources: list[registry.Source],
+    base: registry.Source | None,
+    leases: dict,
+    progress: Progress | None,
+    cancel: threading.Event | None,
+) -> Result:
     """Live weight merge (issue 5): the experts' cached U-Nets merged on their device into a
     scratch U-Net (``composer.merge.live``), sampled with the first expert's text encoder, VAE
     and scheduler. No adapters are active on the sources while they are read."""
@@ -119,8 +130,10 @@ def _sample_merge(recipe: Recipe, sources: list[registry.Source], base: registry
 
     for lease in leases.values():
         lease.use_loras([])
-    experts = [(src.reference, leases[src.location].pipe.unet, e.weight)
-               for src, e in zip(sources, recipe.experts, strict=True)]
+    experts = [
+        (src.reference, leases[src.location].pipe.unet, e.weight)
+        for src, e in zip(sources, recipe.experts, strict=True)
+    ]
     base_unet = (base.reference, leases[base.location].pipe.unet) if base else None
     first = leases[sources[0].location].pipe
     with merged_unet(recipe.merge or Merge(), experts, base_unet) as merged:
@@ -171,8 +184,14 @@ def _sample_single(
     return _each_image(recipe, sources, str(pipe.device), progress, cancel, sample)
 
 
-def _each_image(recipe: Recipe, sources: list[registry.Source], device: str,
-                progress: Progress | None, cancel: threading.Event | None, sample) -> Result:
+def _each_image(
+    recipe: Recipe,
+    sources: list[registry.Source],
+    device: str,
+    progress: Progress | None,
+    cancel: threading.Event | None,
+    sample,
+) -> Result:
     """The loop every method shares: image i with seed ``seed + i``, progress over all images,
     cancel between steps, PNG metadata. ``sample(seed, on_step)`` makes one image and returns it
     with its per-step trace; ``on_step`` is a diffusers ``callback_on_step_end``."""
@@ -199,12 +218,20 @@ def _each_image(recipe: Recipe, sources: list[registry.Source], device: str,
         trace.append(steps)
     model_hashes, lora_hashes = _hashes(recipe, sources)
     metadata = [png_info(recipe, i, model_hashes, lora_hashes) for i in range(len(images))]
-    return Result(recipe=recipe, images=images, seeds=seeds, seconds=seconds, trace=trace,
-                  metadata=metadata, device=device)
+    return Result(
+        recipe=recipe,
+        images=images,
+        seeds=seeds,
+        seconds=seconds,
+        trace=trace,
+        metadata=metadata,
+        device=device,
+    )
 
 
-def _expert_adapters(sources: list[registry.Source], loras: list[list[tuple[str, float]]],
-                     leases: dict) -> list[tuple | None]:
+def _expert_adapters(
+    sources: list[registry.Source], loras: list[list[tuple[str, float]]], leases: dict
+) -> list[tuple | None]:
     """Per expert, the adapters the pipeline activates for it: ``None`` where every expert on
     that model has the same LoRAs (activated once here), else its own (name, strength) pairs."""
     adapters: list[tuple | None] = [None] * len(sources)
@@ -240,9 +267,14 @@ def _hashes(recipe: Recipe, sources: list[registry.Source]) -> tuple[dict, dict]
     return model_hashes, lora_hashes
 
 
-def _sample_superpose(recipe: Recipe, sources: list[registry.Source],
-                      loras: list[list[tuple[str, float]]], leases: dict,
-                      progress: Progress | None, cancel: threading.Event | None) -> Result:
+def _sample_superpose(
+    recipe: Recipe,
+    sources: list[registry.Source],
+    loras: list[list[tuple[str, float]]],
+    leases: dict,
+    progress: Progress | None,
+    cancel: threading.Event | None,
+) -> Result:
     """SuperDiff (Skreta et al. 2025) through ``SuperpositionPipeline``: experts on one model
     with the same LoRAs share its U-Net and run in one batched call; LoRA variants of one model
     share its U-Net too, with their adapters switched per call. The recipe's scheduler is not
@@ -264,8 +296,10 @@ def _sample_superpose(recipe: Recipe, sources: list[registry.Source],
     pipe.set_progress_bar_config(disable=True)
     settings = recipe.superpose
     mode = settings.mode if settings else "or"
-    experts = [(order.index(src.location), recipe.expert_prompt(i), adapters[i])
-               for i, src in enumerate(sources)]
+    experts = [
+        (order.index(src.location), recipe.expert_prompt(i), adapters[i])
+        for i, src in enumerate(sources)
+    ]
     s = recipe.sampler
     native_width, native_height = native_size(pipes[0])
     width, height = s.width or native_width, s.height or native_height
@@ -285,8 +319,11 @@ def _sample_superpose(recipe: Recipe, sources: list[registry.Source],
             callback_on_step_end=on_step,
         )
         steps = [
-            {"step": k + 1, "kappa": out.kappa[k, :, 0].tolist(),
-             "log_density": out.log_density[k + 1, :, 0].tolist()}
+            {
+                "step": k + 1,
+                "kappa": out.kappa[k, :, 0].tolist(),
+                "log_density": out.log_density[k + 1, :, 0].tolist(),
+            }
             for k in range(out.kappa.shape[0])
         ]
         return out.images[0], steps

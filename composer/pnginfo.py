@@ -60,8 +60,10 @@ def a1111_parameters(
     s = recipe.sampler
     pairs = [
         ("Steps", str(s.steps)),
-        ("Sampler", SUPERDIFF_SAMPLER if recipe.method == "superpose"
-         else a1111_sampler_name(s.scheduler)),
+        (
+            "Sampler",
+            SUPERDIFF_SAMPLER if recipe.method == "superpose" else a1111_sampler_name(s.scheduler),
+        ),
         ("CFG scale", f"{s.guidance_scale:g}"),
         ("Seed", str(s.seed + index)),
     ]
