@@ -23,13 +23,21 @@ import gradio as gr
 
 from composer import engine, registry
 from composer.pnginfo import read_recipe
-from composer.recipe import A1111_SAMPLERS, MAX_IMAGES, MAX_STEPS, RecipeError, parse
+from composer.recipe import (
+    A1111_SAMPLERS,
+    MAX_IMAGES,
+    MAX_STEPS,
+    MERGE_METHODS,
+    Merge,
+    RecipeError,
+    parse,
+)
 
 log = logging.getLogger("composer.app")
 LORA_SLOTS = 3
 PAGE_EXPERTS = 4
 """Expert rows on the Superpose tab; recipes with more experts run from the Recipe panel."""
-PAGE_METHODS = ("single", "superpose")
+PAGE_METHODS = ("single", "superpose", "merge")
 """Methods the controls can express; any method the engine runs works from the Recipe panel."""
 SUPERPOSE_MODES = [
     ("OR: either expert (mixture)", "or"),
@@ -62,6 +70,17 @@ def default_experts() -> list[str]:
 # their values by name and ``control_values`` writes them back, so the two stay inverse.
 
 ROW_FIELDS = ("model", "lora", "strength", "prompt", "share")
+MERGE_FIELDS = (
+    "merge.method",
+    "merge.base",
+    "merge.density",
+    "merge.lambda",
+    "merge.seed",
+    "merge.sign_rule",
+    "merge.trim_scope",
+    "merge.consensus_of",
+    "merge.block_weights",
+)
 SAMPLER_FIELDS = (
     "prompt",
     "negative",
@@ -85,6 +104,9 @@ def control_names() -> list[str]:
         "shown",
         *(f"expert{k}.{f}" for k in range(PAGE_EXPERTS) for f in ROW_FIELDS),
         "exact_bias",
+        *MERGE_FIELDS,
+        "merge_shown",
+        *(f"merge{k}.{f}" for k in range(PAGE_EXPERTS) for f in ("model", "weight")),
         *SAMPLER_FIELDS,
     ]
 
@@ -125,7 +147,29 @@ def recipe_dict(*values) -> dict:
             "num_images": c["count"],
         },
     }
-    if method == "superpose":
+    if method == "merge":
+        rows = range(int(c["merge_shown"]))
+        recipe["experts"] = [
+            {
+                "model": c[f"merge{k}.model"],
+                "loras": [],
+                "prompt": None,
+                "weight": c[f"merge{k}.weight"],
+            }
+            for k in rows
+        ]
+        recipe["merge"] = {
+            "method": c["merge.method"],
+            "base": c["merge.base"] or None,
+            "density": c["merge.density"],
+            "lambda": c["merge.lambda"],
+            "seed": c["merge.seed"],
+            "block_weights": parse_numbers(c["merge.block_weights"]),
+            "sign_rule": c["merge.sign_rule"],
+            "trim_scope": c["merge.trim_scope"],
+            "consensus_of": c["merge.consensus_of"],
+        }
+    elif method == "superpose":
         rows = range(int(c["shown"]))
         recipe["experts"] = [
             {
@@ -154,8 +198,28 @@ def recipe_dict(*values) -> dict:
     return recipe
 
 
+def parse_numbers(text):
+    """ "1, 0.5, 0" → [1.0, 0.5, 0.0]; empty → None; anything else is passed on for the recipe
+    parser to refuse with its message."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        return text
+
+
 def fits_page(recipe) -> bool:
     """Whether the controls can show ``recipe`` exactly."""
+    if recipe.method == "merge":
+        settings = recipe.merge or Merge()
+        return (
+            len(recipe.experts) <= PAGE_EXPERTS
+            and not any(e.loras for e in recipe.experts)
+            and not settings.overrides
+            and (settings.consensus_k, settings.mask_lambda) == (2, 0.4)
+        )
     if recipe.method == "single":
         return len(recipe.experts[0].loras) <= LORA_SLOTS
     if recipe.method == "superpose":
@@ -187,6 +251,22 @@ def control_values(recipe, current: dict | None = None) -> list:
                 f"expert{k}.share": 1.0,
             }
         )
+    c.update(
+        {
+            "merge.method": "ties",
+            "merge.base": "toy-base" if "toy-base" in registry.bundled("models") else None,
+            "merge.density": 0.2,
+            "merge.lambda": 1.0,
+            "merge.seed": 0,
+            "merge.sign_rule": "mass",
+            "merge.trim_scope": "tensor",
+            "merge.consensus_of": "task_arithmetic",
+            "merge.block_weights": "",
+            "merge_shown": 2,
+        }
+    )
+    for k, model in enumerate(default_experts()):
+        c.update({f"merge{k}.model": model, f"merge{k}.weight": 1.0})
     c.update(current or {})
     s = recipe.sampler
     c.update(
@@ -201,7 +281,27 @@ def control_values(recipe, current: dict | None = None) -> list:
         height=s.height or 0,
         count=s.num_images,
     )
-    if recipe.method == "superpose":
+    if recipe.method == "merge":
+        settings = recipe.merge or Merge()
+        c.update(
+            {
+                "merge.method": settings.method,
+                "merge.base": settings.base,
+                "merge.density": settings.density,
+                "merge.lambda": settings.lambda_,
+                "merge.seed": settings.seed,
+                "merge.sign_rule": settings.sign_rule,
+                "merge.trim_scope": settings.trim_scope,
+                "merge.consensus_of": settings.consensus_of,
+                "merge.block_weights": ", ".join(f"{w:g}" for w in settings.block_weights)
+                if settings.block_weights
+                else "",
+                "merge_shown": len(recipe.experts),
+            }
+        )
+        for k, expert in enumerate(recipe.experts):
+            c.update({f"merge{k}.model": expert.model, f"merge{k}.weight": expert.weight})
+    elif recipe.method == "superpose":
         settings = recipe.superpose
         bias = settings.bias if settings and settings.bias else None
         shares = shares_of(bias) if bias else [1.0] * len(recipe.experts)
@@ -343,16 +443,18 @@ def restore(recipe, current: list | None = None) -> list:
         return (
             [gr.update()] * len(CONTROLS)
             + [recipe.to_json(), gr.update()]
-            + [gr.update()] * PAGE_EXPERTS
+            + [gr.update()] * (2 * PAGE_EXPERTS)
         )
     names = control_names()
     values = control_values(recipe, dict(zip(names, current, strict=True)) if current else None)
     shown = values[names.index("shown")]
+    merge_shown = values[names.index("merge_shown")]
     return [
         *values,
         recipe.to_json(),
         gr.update(selected=recipe.method),
         *(gr.update(visible=k < shown) for k in range(PAGE_EXPERTS)),
+        *(gr.update(visible=k < merge_shown) for k in range(PAGE_EXPERTS)),
     ]
 
 
@@ -366,7 +468,7 @@ def restore_from_recipe(recipe_json: str, *current):
 
 def restore_from_png(image, *current):
     if image is None:
-        return [gr.update()] * (len(CONTROLS) + 2 + PAGE_EXPERTS)
+        return [gr.update()] * (len(CONTROLS) + 2 + 2 * PAGE_EXPERTS)
     try:
         recipe = read_recipe(image)
     except RecipeError as e:
@@ -374,6 +476,27 @@ def restore_from_png(image, *current):
     if fits_page(recipe):
         gr.Info("Controls restored from the image's recipe.")
     return restore(recipe, list(current) or None)
+
+
+def export_merge(*values, progress=gr.Progress()):
+    """The Merge tab's Export button: the merge as one fp16 ``.safetensors`` file to download."""
+    from composer.merge.export import export
+
+    try:
+        recipe = parse(json.dumps(recipe_dict(*values)), check=registry.check_reference)
+        if recipe.method != "merge":
+            raise RecipeError("method: export needs the Merge tab's recipe (method 'merge')")
+        folder = OUTPUT_DIR / uuid.uuid4().hex
+        folder.mkdir(parents=True, exist_ok=True)
+        progress(0, desc="Merging and writing")
+        done = export(recipe, folder / "merged.safetensors", "fp16")
+    except RecipeError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    except Exception as e:
+        log.exception("export failed")
+        raise gr.Error(f"Export failed: {e.__class__.__name__}: {e}") from None
+    gr.Info(f"Merged in {done['seconds']:.1f} s ({done['bytes'] / 2**20:.1f} MiB, fp16).")
+    return done["path"]
 
 
 def current_recipe(*values) -> str:
@@ -401,6 +524,7 @@ def build() -> gr.Blocks:
         )
         method = gr.State("single")
         shown = gr.State(2)
+        merge_shown = gr.State(2)
         exact_bias = gr.State(None)
         kappas = gr.State(None)
         with gr.Row():
@@ -486,6 +610,72 @@ def build() -> gr.Blocks:
                         with gr.Row():
                             add = gr.Button("Add expert", size="sm")
                             remove = gr.Button("Remove expert", size="sm")
+                    with gr.Tab("Merge", id="merge") as tab_merge:
+                        gr.Markdown(
+                            "Merge the experts' weights, then sample the result as one model. "
+                            "Task-vector methods need the experts' common **base**. The merge "
+                            "is computed live on the loaded models; **Export** writes it as "
+                            "one fp16 `.safetensors` file."
+                        )
+                        with gr.Row():
+                            merge_method = gr.Dropdown(
+                                list(MERGE_METHODS), value="ties", label="Method", scale=2
+                            )
+                            merge_base = gr.Dropdown(
+                                [None, *models],
+                                value="toy-base" if "toy-base" in models else None,
+                                allow_custom_value=True,
+                                label="Base (common ancestor)",
+                                scale=2,
+                            )
+                        merge_rows, merge_controls = [], []
+                        for k in range(PAGE_EXPERTS):
+                            with gr.Row(visible=k < 2) as row:
+                                merge_controls += [
+                                    gr.Dropdown(
+                                        models,
+                                        value=starts[k],
+                                        allow_custom_value=True,
+                                        label=f"Expert {k + 1}",
+                                        scale=3,
+                                    ),
+                                    gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=2),
+                                ]
+                            merge_rows.append(row)
+                        with gr.Row():
+                            merge_add = gr.Button("Add expert", size="sm")
+                            merge_remove = gr.Button("Remove expert", size="sm")
+                        with gr.Row():
+                            density = gr.Slider(
+                                0, 1, value=0.2, step=0.01, label="Density (kept fraction)"
+                            )
+                            lam = gr.Slider(-2, 3, value=1.0, step=0.05, label="λ (task scale)")
+                            merge_seed = gr.Number(0, label="Mask seed (DARE)", precision=0)
+                        with gr.Accordion("TIES options and block weights", open=False):
+                            with gr.Row():
+                                sign_rule = gr.Radio(
+                                    [("mass (paper)", "mass"), ("count", "count")],
+                                    value="mass",
+                                    label="Sign election",
+                                )
+                                trim_scope = gr.Radio(
+                                    [("per tensor", "tensor"), ("whole model (paper)", "model")],
+                                    value="tensor",
+                                    label="Trim scope",
+                                )
+                                consensus_of = gr.Radio(
+                                    [("task arithmetic", "task_arithmetic"), ("TIES", "ties")],
+                                    value="task_arithmetic",
+                                    label="Consensus over",
+                                )
+                            block_weights = gr.Textbox(
+                                "",
+                                label="Block weights (BASE, IN00…, M00, OUT00…; empty: all 1)",
+                                placeholder="26 numbers for SD 1.x/2.x, 20 for SDXL",
+                            )
+                        with gr.Row():
+                            export_button = gr.Button("Export .safetensors", size="sm")
+                            exported = gr.File(label="Merged checkpoint", height=60)
                 prompt = gr.Textbox("a red circle", label="Prompt", lines=2)
                 negative = gr.Textbox("", label="Negative prompt")
                 with gr.Row():
@@ -545,6 +735,17 @@ def build() -> gr.Blocks:
             shown,
             *row_controls,
             exact_bias,
+            merge_method,
+            merge_base,
+            density,
+            lam,
+            merge_seed,
+            sign_rule,
+            trim_scope,
+            consensus_of,
+            block_weights,
+            merge_shown,
+            *merge_controls,
             prompt,
             negative,
             scheduler,
@@ -556,7 +757,7 @@ def build() -> gr.Blocks:
             count,
         ]
         assert len(CONTROLS) == len(control_names())
-        restored = [*CONTROLS, recipe_box, tabs, *rows]
+        restored = [*CONTROLS, recipe_box, tabs, *rows, *merge_rows]
         outputs = [gallery, recipe_box, status, kappas, plot]
         job = go.click(run_controls, CONTROLS, outputs, api_visibility="undocumented")
         job_json = run_json.click(run_recipe, [recipe_box], outputs, api_name="generate")
@@ -564,6 +765,14 @@ def build() -> gr.Blocks:
         gallery.select(select_image, [kappas], plot, queue=False)
         tab_single.select(lambda: "single", None, method, queue=False)
         tab_superpose.select(lambda: "superpose", None, method, queue=False)
+        tab_merge.select(lambda: "merge", None, method, queue=False)
+        merge_add.click(
+            lambda n: change_rows(n, +1), merge_shown, [merge_shown, *merge_rows], queue=False
+        )
+        merge_remove.click(
+            lambda n: change_rows(n, -1), merge_shown, [merge_shown, *merge_rows], queue=False
+        )
+        export_button.click(export_merge, CONTROLS, exported, api_name="export_merge")
         add.click(lambda n: change_rows(n, +1), shown, [shown, *rows], queue=False)
         remove.click(lambda n: change_rows(n, -1), shown, [shown, *rows], queue=False)
         dice.click(lambda: random.randint(0, 2**32 - 1), None, seed, queue=False)

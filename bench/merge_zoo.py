@@ -1,0 +1,139 @@
+"""What weight merging draws on the toy zoo, counted by the evaluator (issue 5).
+
+    python -m bench.merge_zoo [--seeds 64]
+
+Writes ``bench/results/merge-zoo-<device>.json``: for "a red circle" (toy-warm's domain) and
+"a blue square" (toy-cool's), the accuracy of each expert alone and of the merges of toy-warm and
+toy-cool over toy-base by weighted average, task arithmetic, TIES and DARE-TIES, with the exact
+recipes; issue 5's target is that TIES keeps ≥ 90 % of each expert's own accuracy. Also the
+purple and star LoRAs merged (exact sum, ``composer lora merge``) on toy-base: "a purple star".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from bench.single import RESULTS, device_name
+from composer import registry
+from toyworld.measure import DEFAULT_SAMPLER, generate_labels
+
+PROMPTS = {
+    "a red circle": ("red", "circle", "toy-warm"),
+    "a blue square": ("blue", "square", "toy-cool"),
+}
+EXPERTS = [{"model": "toy-warm"}, {"model": "toy-cool"}]
+MERGES = {
+    "weighted average": {"method": "weighted_sum"},
+    "task arithmetic": {"method": "task_arithmetic", "base": "toy-base", "lambda": 1.0},
+    "ties": {"method": "ties", "base": "toy-base", "density": 0.2, "lambda": 1.0},
+    "dare_ties": {
+        "method": "dare_ties",
+        "base": "toy-base",
+        "density": 0.2,
+        "lambda": 1.0,
+        "seed": 0,
+    },
+}
+
+
+def accuracy(recipe: dict, color: str, shape: str, seeds: int, cache) -> dict:
+    labels, seconds = generate_labels(recipe, seeds, cache)
+    hits = sum((c, s) == (color, shape) for c, s in labels)
+    return {
+        "accuracy": hits / seeds,
+        "pairs": dict(Counter(f"{c} {s}" for c, s in labels).most_common(6)),
+        "seconds_per_image": round(seconds / seeds, 4),
+        "recipe": recipe,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.merge_zoo")
+    parser.add_argument("--seeds", type=int, default=64)
+    args = parser.parse_args(argv)
+    registry.quiet_libraries()
+    cache = registry.ModelCache()
+    start = time.time()
+    rows = []
+    for prompt, (color, shape, own) in PROMPTS.items():
+        alone = accuracy(
+            {"prompt": prompt, "experts": [{"model": own}], "sampler": dict(DEFAULT_SAMPLER)},
+            color,
+            shape,
+            args.seeds,
+            cache,
+        )
+        rows.append({"prompt": prompt, "method": f"{own} alone", **alone})
+        print(f"{prompt!r:<16} {own + ' alone':<18} {alone['accuracy']:.0%}", flush=True)
+        for name, merge in MERGES.items():
+            recipe = {
+                "prompt": prompt,
+                "method": "merge",
+                "experts": EXPERTS,
+                "merge": merge,
+                "sampler": dict(DEFAULT_SAMPLER),
+            }
+            row = accuracy(recipe, color, shape, args.seeds, cache)
+            row["relative_to_expert"] = (
+                row["accuracy"] / alone["accuracy"] if alone["accuracy"] else None
+            )
+            rows.append({"prompt": prompt, "method": name, **row})
+            print(
+                f"{prompt!r:<16} {name:<18} {row['accuracy']:.0%} "
+                f"({row['relative_to_expert'] or 0:.0%} of the expert)",
+                flush=True,
+            )
+
+    from composer.merge.lora import merge_files, write_lora
+
+    merged = Path(tempfile.mkdtemp()) / "toy-purple-star.safetensors"
+    write_lora(
+        str(merged),
+        merge_files(
+            [registry.resolve_lora("toy-purple"), registry.resolve_lora("toy-star")], [1.0, 1.0]
+        ),
+    )
+    lora_rows = []
+    for label, loras in (
+        ("purple + star merged (exact sum)", [{"path": str(merged), "weight": 1.0}]),
+        (
+            "purple + star as two adapters",
+            [{"path": "toy-purple", "weight": 1.0}, {"path": "toy-star", "weight": 1.0}],
+        ),
+        ("toy-star alone", [{"path": "toy-star", "weight": 1.0}]),
+    ):
+        recipe = {
+            "prompt": "a purple star",
+            "experts": [{"model": "toy-base", "loras": loras}],
+            "sampler": dict(DEFAULT_SAMPLER),
+        }
+        row = accuracy(recipe, "purple", "star", args.seeds, cache)
+        row["recipe"]["experts"][0]["loras"] = [
+            {**lo, "path": Path(lo["path"]).name} for lo in row["recipe"]["experts"][0]["loras"]
+        ]
+        lora_rows.append({"case": label, **row})
+        print(f"'a purple star'   {label:<34} {row['accuracy']:.0%}", flush=True)
+    out = {
+        "benchmark": "weight merging on the toy zoo (issue 5)",
+        "device": device_name(),
+        "sampler": DEFAULT_SAMPLER,
+        "seeds": args.seeds,
+        "minutes": round((time.time() - start) / 60, 1),
+        "checkpoint_merges": rows,
+        "lora_merges": lora_rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"merge-zoo-{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
