@@ -710,7 +710,7 @@ def build() -> gr.Blocks:
                     y_title="κ (expert weight)",
                     label="κ per step",
                     visible=False,
-                    height=220,
+                    height=300,
                 )
                 dropped = gr.Image(
                     type="pil",

@@ -42,12 +42,12 @@ class Case:
     """rate name → (low, high) from issue 6."""
 
 
-def _superpose(mode, experts, prompt="a shape", bias=None) -> dict:
+def _superpose(mode, experts, prompt="a shape", bias=None, temperature=1.0) -> dict:
     return {
         "prompt": prompt,
         "method": "superpose",
         "experts": experts,
-        "superpose": {"mode": mode, "temperature": 1.0, "bias": bias},
+        "superpose": {"mode": mode, "temperature": temperature, "bias": bias},
         "sampler": dict(DEFAULT_SAMPLER),
     }
 
@@ -110,6 +110,11 @@ CASES = (
         {"red circle": (0.80, 1.0)},
     ),
     Case("or toy-warm 'a red shape' x 'a circle'", _superpose("or", RED_CIRCLE), PROMPT_RATES),
+    Case(
+        "or T=10 toy-warm 'a red shape' x 'a circle'",
+        _superpose("or", RED_CIRCLE, temperature=10.0),
+        PROMPT_RATES,
+    ),
     Case(
         "average toy-warm 'a red shape' x 'a circle'",
         _superpose("average", RED_CIRCLE),

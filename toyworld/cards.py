@@ -48,6 +48,8 @@ def card(name: str, stage: str, training: dict, shared: dict, rows: list[dict]) 
         f"- {_what(stage, training)}: "
         f"{training['steps']} steps, batch {training['batch']}, AdamW lr {training['lr']}, seed "
         f"{training['seed']}",
+        f"- loss: ε-MSE, min-SNR-γ weighting γ = {training.get('min_snr_gamma', 'none')}, "
+        f"offset noise {training.get('offset_noise', 0.1)}, EMA 0.999 (full U-Nets)",
         f"- time: {training['seconds'] / 60:.1f} min on {training['device']}",
         f"- shared VAE: {shared['steps']} steps, reconstruction MSE {shared['recon_mse']} "
         f"(pixels in [-1, 1]), {shared['seconds'] / 60:.1f} min on {shared['device']}",
