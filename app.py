@@ -510,6 +510,14 @@ def change_rows(shown: int, delta: int):
 
 # --- layout -------------------------------------------------------------------------------------
 
+
+def expert_dropdown(models: list[str], value: str, k: int) -> gr.Dropdown:
+    """Expert k's model picker on the Superpose and Merge tabs."""
+    return gr.Dropdown(
+        models, value=value, allow_custom_value=True, label=f"Expert {k + 1}", scale=3
+    )
+
+
 CONTROLS: list = []
 
 
@@ -575,13 +583,7 @@ def build() -> gr.Blocks:
                             with gr.Group(visible=k < 2) as row:
                                 with gr.Row():
                                     row_controls += [
-                                        gr.Dropdown(
-                                            models,
-                                            value=starts[k],
-                                            allow_custom_value=True,
-                                            label=f"Expert {k + 1}",
-                                            scale=3,
-                                        ),
+                                        expert_dropdown(models, starts[k], k),
                                         gr.Dropdown(
                                             [None, *loras],
                                             value=None,
@@ -632,13 +634,7 @@ def build() -> gr.Blocks:
                         for k in range(PAGE_EXPERTS):
                             with gr.Row(visible=k < 2) as row:
                                 merge_controls += [
-                                    gr.Dropdown(
-                                        models,
-                                        value=starts[k],
-                                        allow_custom_value=True,
-                                        label=f"Expert {k + 1}",
-                                        scale=3,
-                                    ),
+                                    expert_dropdown(models, starts[k], k),
                                     gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=2),
                                 ]
                             merge_rows.append(row)
