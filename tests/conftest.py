@@ -29,6 +29,36 @@ SCHEDULER = {
     "timestep_spacing": "leading",
     "steps_offset": 1,
 }
+TINY_SD1_UNET = {
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": 32,
+    "norm_num_groups": 4,
+    "attention_head_dim": 4,
+}
+TINY_SDXL_UNET = {
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "transformer_layers_per_block": (1, 1),
+    "projection_class_embeddings_input_dim": 80,
+    "cross_attention_dim": 64,
+    "norm_num_groups": 4,
+}
+"""The tiny U-Nets of ``build_sd1`` / ``build_sdxl``, for tests that need only a U-Net."""
 
 
 def _text_config(vocab_size: int) -> CLIPTextConfig:
@@ -62,18 +92,7 @@ def _vae() -> AutoencoderKL:
 def build_sd1(folder, seed: int = 0) -> str:
     torch.manual_seed(seed)
     tokenizer = save_tokenizer(folder / "tokenizer_build")
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=4,
-        attention_head_dim=4,
-    )
+    unet = UNet2DConditionModel(**TINY_SD1_UNET)
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=_vae(),
@@ -91,23 +110,7 @@ def build_sd1(folder, seed: int = 0) -> str:
 def build_sdxl(folder, seed: int = 0) -> str:
     torch.manual_seed(seed)
     tokenizer = save_tokenizer(folder / "tokenizer_build")
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64,
-        norm_num_groups=4,
-    )
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET)
     config = _text_config(len(tokenizer))
     pipe = StableDiffusionXLPipeline(
         unet=unet,

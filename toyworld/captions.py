@@ -29,3 +29,13 @@ def parse_caption(text: str) -> tuple[str | None, str | None]:
     color = next((w for w in words if w in COLORS), None)
     shape = next((w for w in words if w in SHAPES), None)
     return color, shape
+
+
+def scene_caption(left: tuple[str, str], right: tuple[str, str]) -> str:
+    """The caption of a two-object scene: "a red circle and a blue square" (left object first)."""
+    return f"{captions(*left)[0]} and {captions(*right)[0]}"
+
+
+def parse_scene(text: str) -> list[tuple[str | None, str | None]]:
+    """The (colour, shape) of each object a prompt names, in order: one per " and " part."""
+    return [parse_caption(part) for part in re.split(r"\band\b", text.lower())]

@@ -205,6 +205,14 @@ def classify(image: Image.Image | np.ndarray) -> tuple[str, str]:
     return color, shape_of(weight)
 
 
+def classify_scene(image: Image.Image | np.ndarray) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(colour, shape) of the object in the left half and in the right half of a two-object
+    scene (``toyworld.render.render_scene``), each half judged as a one-object image."""
+    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    half = rgb.shape[1] // 2
+    return classify(rgb[:, :half]), classify(rgb[:, half:])
+
+
 def evaluate_dir(folder: str | Path) -> dict:
     """Classify every ``*.png`` in ``folder`` (sorted by name) and count colours, shapes, pairs.
 

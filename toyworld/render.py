@@ -96,3 +96,19 @@ def render_batch(
     for i, ((shape, color), seed) in enumerate(zip(pairs, seeds, strict=True)):
         out[i] = np.asarray(render(shape, color, seed, size))
     return out
+
+
+SCENE_SEED_OFFSET = 1_000_003
+
+
+def render_scene(
+    left: tuple[str, str], right: tuple[str, str], seed: int, size: int = NATIVE_SIZE
+) -> Image.Image:
+    """A two-object scene, ``size`` high and ``2·size`` wide: ``left`` = (colour, shape) drawn in
+    the left half, ``right`` in the right half, each half exactly a one-object image of the
+    world (so a model trained on one object sees familiar halves; only who draws where is new)."""
+    (lc, ls), (rc, rs) = left, right
+    canvas = Image.new("RGB", (2 * size, size), BACKGROUND)
+    canvas.paste(render(ls, lc, seed, size), (0, 0))
+    canvas.paste(render(rs, rc, seed + SCENE_SEED_OFFSET, size), (size, 0))
+    return canvas

@@ -1,0 +1,365 @@
+r"""``AggregationPipeline``: Adaptive Feature Aggregation for Stable Diffusion 1.x/2.x and SDXL.
+
+Wang et al., "Ensembling Diffusion Models via Adaptive Feature Aggregation", ICLR 2025. N
+same-architecture U-Nets denoise in lock-step; after every block a trained aggregator
+(``sabw.Aggregator``) blends their features per pixel (``walker.walk``). Without an aggregator
+the features are averaged uniformly (what an untrained one does).
+
+Unlike superposition this is one noise prediction per step, so any diffusers scheduler works
+and classifier-free guidance acts on the final prediction, as in a plain Stable Diffusion
+pipeline: ε = ε_AFA(∅) + w·(ε_AFA(c) − ε_AFA(∅)), both branches aggregated in one batched walk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from pipelines.aggregation.sabw import Aggregator, uniform_combine
+from pipelines.aggregation.walker import check_same_architecture, points, walk
+
+
+@dataclass
+class AggregationPipelineOutput(BaseOutput):
+    """Images and, when asked for (``return_maps=True``), the aggregation maps.
+
+    ``maps``: one tensor per aggregation point (``point_names``), shaped (steps, B, N, h, w):
+    the weight each expert had at each pixel of that point's features, for the conditional
+    branch. ``None`` when not asked for.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    maps: list[torch.Tensor] | None = None
+    point_names: list[str] | None = None
+
+
+@dataclass
+class _Expert:
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    """``None``: the pipeline's own text encoder(s)."""
+
+
+def _is_sdxl(unet: UNet2DConditionModel) -> bool:
+    return unet.config.get("addition_embed_type") == "text_time"
+
+
+class AggregationPipeline(DiffusionPipeline):
+    r"""Text-to-image AFA ensemble of Stable Diffusion U-Nets.
+
+    Components are those of a ``StableDiffusionPipeline`` (plus ``text_encoder_2`` and
+    ``tokenizer_2`` for SDXL); ``unet`` is the first expert. Build it from ordinary pipelines with
+    ``from_pipes(pipes, aggregator)``: every expert keeps its own text encoder(s), the VAE,
+    tokenizers and scheduler are the first pipe's. ``aggregator`` may be ``None`` (uniform
+    feature averaging).
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components: ClassVar[list[str]] = ["text_encoder_2", "tokenizer_2"]
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        force_zeros_for_empty_prompt: bool = True,
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+        )
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.experts: list[_Expert] = [_Expert(unet)]
+        self.aggregator: Aggregator | None = None
+        self._interrupt = False
+
+    @classmethod
+    def from_pipes(
+        cls,
+        pipes: Sequence[StableDiffusionPipeline | StableDiffusionXLPipeline],
+        aggregator: Aggregator | None = None,
+        names: Sequence[str] | None = None,
+    ) -> AggregationPipeline:
+        """An ensemble of the pipes' U-Nets (expert i = ``pipes[i].unet``) and their text encoders.
+
+        Raises ValueError naming both experts when the architectures differ, or when
+        ``aggregator`` was trained for other experts or another order.
+        """
+        if not pipes:
+            raise ValueError("from_pipes needs at least one pipeline")
+        names = list(names or [p.name_or_path or f"pipes[{i}]" for i, p in enumerate(pipes)])
+        unets = [p.unet for p in pipes]
+        check_same_architecture(unets, names)
+        if aggregator is not None:
+            aggregator.check_experts(unets, names)
+        first = pipes[0]
+        pipe = cls(
+            vae=first.vae,
+            text_encoder=first.text_encoder,
+            tokenizer=first.tokenizer,
+            unet=first.unet,
+            scheduler=first.scheduler,
+            text_encoder_2=getattr(first, "text_encoder_2", None),
+            tokenizer_2=getattr(first, "tokenizer_2", None),
+            force_zeros_for_empty_prompt=first.config.get("force_zeros_for_empty_prompt", True),
+        )
+        pipe.experts = [
+            _Expert(
+                p.unet,
+                None if p.text_encoder is first.text_encoder else p.text_encoder,
+                None
+                if getattr(p, "text_encoder_2", None) is pipe.text_encoder_2
+                else p.text_encoder_2,
+            )
+            for p in pipes
+        ]
+        pipe.aggregator = aggregator
+        return pipe
+
+    @property
+    def unets(self) -> list[UNet2DConditionModel]:
+        return [e.unet for e in self.experts]
+
+    def to(self, *args, **kwargs) -> AggregationPipeline:
+        """``DiffusionPipeline.to``, also moving the other experts and the aggregator."""
+        super().to(*args, **kwargs)
+        module_args = [a for a in args if isinstance(a, (str, torch.device, torch.dtype))]
+        module_kwargs = {k: v for k, v in kwargs.items() if k in ("device", "dtype")}
+        extra = [self.aggregator] if self.aggregator is not None else []
+        for e in self.experts[1:]:
+            extra += [m for m in (e.unet, e.text_encoder, e.text_encoder_2) if m is not None]
+        for module in extra:
+            module.to(*module_args, **module_kwargs)
+        return self
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def _encoder(self, expert: _Expert) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+        """A diffusers pipeline over this expert's text encoder(s), to reuse ``encode_prompt``."""
+        text_encoder = expert.text_encoder or self.text_encoder
+        if _is_sdxl(self.unet):
+            return StableDiffusionXLPipeline(
+                vae=self.vae,
+                text_encoder=text_encoder,
+                text_encoder_2=expert.text_encoder_2 or self.text_encoder_2,
+                tokenizer=self.tokenizer,
+                tokenizer_2=self.tokenizer_2,
+                unet=expert.unet,
+                scheduler=self.scheduler,
+                force_zeros_for_empty_prompt=self.config.force_zeros_for_empty_prompt,
+                add_watermarker=False,
+            )
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=text_encoder,
+            tokenizer=self.tokenizer,
+            unet=expert.unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def _encode(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        batch: int,
+        cfg: bool,
+        height: int,
+        width: int,
+        device: torch.device,
+    ) -> tuple[list[torch.Tensor], list[dict | None]]:
+        """Per expert: prompt embeddings [negative (B)?, prompt (B)] and SDXL's added
+        conditioning, each from the expert's own text encoder(s) (experts sharing the encoders
+        share one encoding)."""
+        texts, added, done = [], [], {}
+        for expert in self.experts:
+            key = (id(expert.text_encoder), id(expert.text_encoder_2))
+            if key not in done:
+                encoder = self._encoder(expert)
+                dtype = expert.unet.dtype
+                if _is_sdxl(self.unet):
+                    embeds, neg, pooled, neg_pooled = encoder.encode_prompt(
+                        prompt=prompt,
+                        device=device,
+                        num_images_per_prompt=batch,
+                        do_classifier_free_guidance=cfg,
+                        negative_prompt=negative_prompt,
+                    )
+                    projection_dim = int(pooled.shape[-1])
+                    time_ids = encoder._get_add_time_ids(
+                        (height, width), (0, 0), (height, width), embeds.dtype, projection_dim
+                    ).to(device)
+                    rows = 2 * batch if cfg else batch
+                    extra = {
+                        "text_embeds": torch.cat([neg_pooled, pooled] if cfg else [pooled]).to(
+                            dtype
+                        ),
+                        "time_ids": time_ids.repeat(rows, 1).to(dtype),
+                    }
+                else:
+                    embeds, neg = encoder.encode_prompt(
+                        prompt, device, batch, cfg, negative_prompt=negative_prompt
+                    )
+                    extra = None
+                done[key] = (torch.cat([neg, embeds] if cfg else [embeds]).to(dtype), extra)
+            texts.append(done[key][0])
+            added.append(done[key][1])
+        return texts, added
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
+        """VAE decode (fp16 VAEs with ``force_upcast`` in fp32, as diffusers' SDXL pipeline)."""
+        if output_type == "latent":
+            return latents
+        upcast = self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast", False)
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+        dtype = torch.float32 if upcast else self.vae.dtype
+        image = self.vae.decode(
+            latents.to(dtype) / self.vae.config.scaling_factor, return_dict=False
+        )[0]
+        if upcast:
+            self.vae.to(dtype=torch.float16)
+        return self.image_processor.postprocess(image, output_type=output_type)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        generator: torch.Generator | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        output_type: str = "pil",
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        latents: torch.Tensor | None = None,
+        return_maps: bool = False,
+        return_dict: bool = True,
+    ) -> AggregationPipelineOutput | tuple:
+        r"""Generate ``num_images_per_prompt`` images of ``prompt`` with the AFA ensemble.
+
+        The arguments are those of ``StableDiffusionPipeline`` (the scheduler is
+        ``pipe.scheduler``; swap it as usual). ``return_maps=True`` also returns, per aggregation
+        point, each expert's weight at every pixel and step (``AggregationPipelineOutput.maps``).
+        Setting ``pipe._interrupt = True`` in a callback stops after that step.
+        """
+        if not isinstance(prompt, str):
+            raise ValueError("prompt must be one str; use num_images_per_prompt for a batch")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not among "
+                f"{self._callback_tensor_inputs}"
+            )
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(
+                f"height and width must be multiples of {self.vae_scale_factor}, "
+                f"not {height}×{width}"
+            )
+        self._interrupt = False
+        self._guidance_scale = guidance_scale
+        device = self._execution_device
+        batch = num_images_per_prompt
+        cfg = guidance_scale > 1.0
+        texts, added = self._encode(prompt, negative_prompt, batch, cfg, height, width, device)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        dtype = self.unet.dtype
+        shape = (
+            batch,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+
+        aggregator = self.aggregator
+        combine = aggregator.combine if aggregator is not None else uniform_combine
+        history: list[list[torch.Tensor]] = []
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for i, t in enumerate(timesteps):
+                model_input = torch.cat([latents] * 2) if cfg else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                step_maps: list[torch.Tensor] | None = [] if return_maps else None
+                noise = walk(
+                    self.unets,
+                    model_input,
+                    t,
+                    texts,
+                    lambda k, f, c, m=step_maps: combine(k, f, c, m),
+                    added,
+                )
+                if cfg:
+                    uncond, cond = noise.chunk(2)
+                    noise = uncond + guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(
+                    noise, t, latents, generator=generator, return_dict=False
+                )[0]
+                if step_maps is not None:
+                    history.append([m[-batch:].to("cpu", torch.float16) for m in step_maps])
+                if callback_on_step_end is not None:
+                    step_kwargs = {"latents": latents}
+                    requested = {k: step_kwargs[k] for k in callback_on_step_end_tensor_inputs}
+                    returned = callback_on_step_end(self, i, t, requested) or {}
+                    latents = returned.get("latents", latents)
+                progress.update()
+                if self._interrupt:
+                    break
+
+        images = self.decode_latents(latents, output_type)
+        maps = [torch.stack(per_point) for per_point in zip(*history, strict=True)] or None
+        point_names = [p.name for p in points(self.unet)] if return_maps else None
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, maps, point_names
+        return AggregationPipelineOutput(images=images, maps=maps, point_names=point_names)
