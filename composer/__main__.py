@@ -73,6 +73,8 @@ def _lora(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise RecipeError(f"--out: {args.out!r} is not accepted; expected a .safetensors path")
+    if args.action == "bake":
+        return _bake(args, out)
     if args.action == "merge":
         paths = [registry.resolve_lora(p, "lora") for p in args.inputs]
         strengths = args.strength or [1.0] * len(paths)
@@ -123,6 +125,33 @@ def _lora(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _bake(args: argparse.Namespace, out: Path) -> int:
+    """``lora bake MODEL LORA[:strength] ...``: the model with its LoRAs baked in, as one
+    single-file checkpoint, by exporting the ``single`` recipe of that model and those LoRAs."""
+    from composer import registry
+    from composer.merge.export import export
+    from composer.recipe import parse
+
+    if len(args.inputs) < 2:
+        raise RecipeError("lora bake: give a model, then one or more LORA or LORA:strength")
+    model, *loras = args.inputs
+    recipe = parse(
+        {"prompt": "", "experts": [{"model": model, "loras": [_lora_strength(a) for a in loras]}]},
+        check=registry.check_reference,
+    )
+    print(json.dumps(export(recipe, out, args.dtype)), flush=True)
+    return 0
+
+
+def _lora_strength(arg: str) -> dict:
+    """``toy-purple:0.8`` → path and strength; without a numeric ``:strength`` the strength is 1."""
+    path, _, strength = arg.rpartition(":")
+    try:
+        return {"path": path, "weight": float(strength)} if path else {"path": arg}
+    except ValueError:
+        return {"path": arg}
 
 
 def _read(path: str) -> str:
@@ -196,16 +225,23 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     merge.set_defaults(run=_merge)
     lora = sub.add_parser(
-        "lora", help="merge LoRA files (exact or TIES/DARE on ΔW), or extract one from 2 models"
+        "lora",
+        help="merge LoRA files (exact or TIES/DARE on ΔW), extract one from 2 models, or bake "
+        "LoRAs into a model",
     )
-    lora.add_argument("action", choices=["merge", "extract"])
-    lora.add_argument("inputs", nargs="+", help="merge: LoRAs; extract: BASE_MODEL TUNED_MODEL")
+    lora.add_argument("action", choices=["merge", "extract", "bake"])
+    lora.add_argument(
+        "inputs",
+        nargs="+",
+        help="merge: LoRAs; extract: BASE_MODEL TUNED_MODEL; bake: MODEL LORA[:strength] ...",
+    )
     lora.add_argument("--out", required=True)
     lora.add_argument("--strength", type=float, nargs="+", help="merge: one per LoRA (1.0)")
     lora.add_argument("--method", choices=["concat", "ties", "dare_ties", "dare"], default="concat")
     lora.add_argument("--rank", type=int, default=None, help="SVD to this rank (extract: 8)")
     lora.add_argument("--density", type=float, default=0.2)
     lora.add_argument("--seed", type=int, default=0)
+    lora.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="bake")
     lora.set_defaults(run=_lora)
     info = sub.add_parser("info", help="print the recipe stored in a PNG")
     info.add_argument("image")

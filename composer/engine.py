@@ -74,11 +74,6 @@ def generate(
 
         settings = recipe.merge or Merge()
         check_settings(settings, len(sources), settings.base is not None)
-        if any(loras):
-            raise RecipeError(
-                "experts: LoRAs on the experts of a merge are not supported yet; merge the "
-                "checkpoints, or superpose the LoRA variants"
-            )
         if settings.base is not None:
             base = registry.resolve_model(settings.base, "merge.base")
     by_location = {src.location: src for src in [*sources, *([base] if base else [])]}
@@ -92,7 +87,7 @@ def generate(
                 recipe, leases[sources[0].location].pipe, sources[0], progress, cancel
             )
         if recipe.method == "merge":
-            return _sample_merge(recipe, sources, base, leases, progress, cancel)
+            return _sample_merge(recipe, sources, loras, base, leases, progress, cancel)
         return _sample_superpose(recipe, sources, loras, leases, progress, cancel)
 
 
@@ -118,25 +113,33 @@ def native_size(pipe) -> tuple[int, int]:
 def _sample_merge(
     recipe: Recipe,
     sources: list[registry.Source],
+    loras: list[list[tuple[str, float]]],
     base: registry.Source | None,
     leases: dict,
     progress: Progress | None,
     cancel: threading.Event | None,
 ) -> Result:
-    """Live weight merge (issue 5): the experts' cached U-Nets merged on their device into a
-    scratch U-Net (``composer.merge.live``), sampled with the first expert's text encoder, VAE
-    and scheduler. No adapters are active on the sources while they are read."""
+    """Live weight merge (issue 5): the experts' cached U-Nets, each with its LoRAs baked in,
+    merged on their device into a scratch U-Net (``composer.merge.live``), sampled with the first
+    expert's text encoder, VAE and scheduler. The first expert's LoRAs are active on its pipeline
+    as in ``single``, so their text-encoder layers apply; the other experts' text-encoder layers
+    go unused, like those experts' text encoders."""
     from composer.merge.live import merged_unet
 
     for lease in leases.values():
         lease.use_loras([])
+    leases[sources[0].location].use_loras(loras[0])
     experts = [
         (src.reference, leases[src.location].pipe.unet, e.weight)
         for src, e in zip(sources, recipe.experts, strict=True)
     ]
+    files = [
+        [(f"experts[{i}].loras[{j}].path", path, s) for j, (path, s) in enumerate(mine)]
+        for i, mine in enumerate(loras)
+    ]
     base_unet = (base.reference, leases[base.location].pipe.unet) if base else None
     first = leases[sources[0].location].pipe
-    with merged_unet(recipe.merge or Merge(), experts, base_unet) as merged:
+    with merged_unet(recipe.merge or Merge(), experts, base_unet, files) as merged:
         result = _sample_single(recipe, first, sources, progress, cancel, unet=merged.unet)
     result.merge_seconds = merged.seconds
     return result

@@ -1,16 +1,27 @@
 """diffusers weights → the original Stable Diffusion ("LDM") single-file layout.
 
 AUTOMATIC1111, ComfyUI and Civitai pass checkpoints around as one ``.safetensors`` file in the
-layout of the original CompVis code (``model.diffusion_model.input_blocks.1.0.in_layers.0.weight``);
-diffusers reads such files with ``from_single_file`` but has no writer. This module is the inverse
-of diffusers' ``convert_ldm_unet_checkpoint`` / ``convert_ldm_vae_checkpoint`` /
-``convert_ldm_clip_checkpoint`` (``diffusers/loaders/single_file_utils.py``) for SD 1.x-style
-pipelines (one CLIP text encoder), derived from the U-Net config rather than a fixed table, so it
-also serves the toy zoo's 3-level U-Net. ``tests/test_ldm_format.py`` checks that diffusers'
-own reader gives back every tensor.
+layout of the original CompVis / Stability code
+(``model.diffusion_model.input_blocks.1.0.in_layers.0.weight``); diffusers reads such files with
+``from_single_file`` but has no writer. This module is the inverse of diffusers'
+``convert_ldm_unet_checkpoint`` / ``convert_ldm_vae_checkpoint`` / ``convert_ldm_clip_checkpoint``
+/ ``convert_open_clip_checkpoint`` (``diffusers/loaders/single_file_utils.py``) for SD 1.x-style
+pipelines (one CLIP text encoder under ``cond_stage_model.transformer.``) and SDXL (CLIP under
+``conditioner.embedders.0.transformer.``, OpenCLIP under ``conditioner.embedders.1.model.``),
+derived from the configs rather than a fixed table, so it also serves the toy zoo's 3-level
+U-Net. ``tests/test_ldm_format.py`` checks that diffusers' own reader gives back every tensor.
+
+Most tensors keep their values under a new name. Three do not: the VAE's mid-block attention
+projections are Linear in diffusers and 1×1 convolutions in LDM (``conv``); OpenCLIP stores each
+layer's q, k and v projections as one ``in_proj`` tensor, [W_q; W_k; W_v] (``qkv``); and its
+``text_projection`` is the transpose of diffusers' ``text_projection.weight`` (``t``). A layout is
+therefore a list of ``Entry(name, sources, op)``, written one entry at a time.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -21,6 +32,52 @@ tokenizer the file needs; ``composer.registry`` passes it to ``from_single_file(
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+XL_TEXT_PREFIX = "conditioner.embedders.0.transformer."
+XL_TEXT_2_PREFIX = "conditioner.embedders.1.model."
+
+
+class Entry(NamedTuple):
+    """One tensor of the single-file layout: its ``name`` there, the diffusers parameter names of
+    one component that it is made of, and ``op`` (``copy``, ``conv``, ``qkv`` or ``t``)."""
+
+    name: str
+    sources: tuple[str, ...]
+    op: str = "copy"
+
+
+def assemble(op: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """An entry's tensor from its sources' tensors."""
+    if op == "qkv":
+        return torch.cat(list(tensors), dim=0)
+    (value,) = tensors
+    if op == "t":
+        return value.T.contiguous()
+    if op == "conv" and value.ndim == 2:
+        return value[:, :, None, None]
+    return value
+
+
+def assembled_shape(op: str, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+    """``assemble``'s output shape, known before any tensor is read."""
+    if op == "qkv":
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+    (shape,) = shapes
+    if op == "t":
+        return tuple(reversed(shape))
+    if op == "conv" and len(shape) == 2:
+        return (*shape, 1, 1)
+    return tuple(shape)
+
+
+def clip_inner(name: str) -> str:
+    """A CLIP text-encoder parameter name as the file layouts (and LoRA files) spell it:
+    transformers ≥ 5.6 flattened ``CLIPTextModel`` (``encoder.layers.0…``), the layouts keep
+    ``text_model.``; ``CLIPTextModelWithProjection`` still nests, and its ``text_projection``
+    sits outside ``text_model``."""
+    if name.startswith(("text_model.", "text_projection.")):
+        return name
+    return "text_model." + name
+
 
 _RESNET = (
     ("norm1", "in_layers.0"),
@@ -98,7 +155,8 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch
     return {UNET_PREFIX + _map_key(k, prefixes): v for k, v in state.items()}
 
 
-def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+def vae_layout(names: Iterable[str], config: dict) -> list[Entry]:
+    """The VAE's parameters (diffusers names) in the LDM layout, under ``VAE_PREFIX``."""
     n = len(config["up_block_types"])
     prefixes = {
         "encoder.conv_norm_out": "encoder.norm_out",
@@ -121,29 +179,94 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.
         "to_v": "v",
         "to_out.0": "proj_out",
     }
-    out = {}
-    for key, value in state.items():
+    out = []
+    for key in names:
         best = max((p for p in prefixes if key.startswith(p + ".")), key=len, default=None)
         new = key if best is None else prefixes[best] + key[len(best) :]
         new = new.replace(".conv_shortcut.", ".nin_shortcut.")
+        op = "copy"
         if ".mid.attn_1." in new:
             module, _, leaf = new.rpartition(".")
             head, _, name = module.partition(".mid.attn_1.")
-            new = f"{head}.mid.attn_1.{attention[name]}.{leaf}"
-            if value.ndim == 2:
-                value = value[:, :, None, None]
-        out[VAE_PREFIX + new] = value
+            new, op = f"{head}.mid.attn_1.{attention[name]}.{leaf}", "conv"
+        out.append(Entry(VAE_PREFIX + new, (key,), op))
     return out
 
 
+def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    return {
+        e.name: assemble(e.op, [state[s] for s in e.sources]) for e in vae_layout(state, config)
+    }
+
+
+_OPEN_CLIP_FIXED = {
+    "text_model.embeddings.position_embedding.weight": ("positional_embedding", "copy"),
+    "text_model.embeddings.token_embedding.weight": ("token_embedding.weight", "copy"),
+    "text_model.final_layer_norm.weight": ("ln_final.weight", "copy"),
+    "text_model.final_layer_norm.bias": ("ln_final.bias", "copy"),
+    "text_projection.weight": ("text_projection", "t"),
+}
+_OPEN_CLIP_LAYER = (
+    ("layer_norm1", "ln_1"),
+    ("layer_norm2", "ln_2"),
+    ("mlp.fc1", "mlp.c_fc"),
+    ("mlp.fc2", "mlp.c_proj"),
+    ("self_attn.out_proj", "attn.out_proj"),
+)
+
+
+def text_layout(names: Iterable[str], prefix: str, open_clip: bool = False) -> list[Entry]:
+    """A CLIP text encoder's parameters in the single-file layout under ``prefix``: the
+    transformers layout as it is (SD 1.x, SDXL's first encoder), or OpenCLIP's (SDXL's second,
+    ``open_clip``), whose layers fuse q, k and v into ``attn.in_proj_weight``/``_bias``."""
+    by_inner = {clip_inner(k): k for k in names}
+    if not open_clip:
+        return [Entry(prefix + inner, (key,)) for inner, key in by_inner.items()]
+    out = []
+    for inner, key in by_inner.items():
+        if inner in _OPEN_CLIP_FIXED:
+            name, op = _OPEN_CLIP_FIXED[inner]
+            out.append(Entry(prefix + name, (key,), op))
+            continue
+        layer, _, rest = inner.removeprefix("text_model.encoder.layers.").partition(".")
+        if rest.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+            continue  # fused with q below
+        if rest.startswith("self_attn.q_proj."):
+            leaf = rest.rpartition(".")[2]
+            parts = tuple(
+                by_inner[f"text_model.encoder.layers.{layer}.self_attn.{p}_proj.{leaf}"]
+                for p in "qkv"
+            )
+            out.append(
+                Entry(f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{leaf}", parts, "qkv")
+            )
+            continue
+        for new, old in _OPEN_CLIP_LAYER:
+            if rest.startswith(new + "."):
+                rest = old + rest[len(new) :]
+                break
+        else:
+            raise KeyError(f"no OpenCLIP name for {inner!r}")
+        out.append(Entry(f"{prefix}transformer.resblocks.{layer}.{rest}", (key,)))
+    return out
+
+
+def text_prefixes(xl: bool) -> dict[str, tuple[str, bool]]:
+    """The text encoders of a pipeline → (prefix, OpenCLIP layout?) in its single-file layout."""
+    if xl:
+        return {"text_encoder": (XL_TEXT_PREFIX, False), "text_encoder_2": (XL_TEXT_2_PREFIX, True)}
+    return {"text_encoder": (TEXT_PREFIX, False)}
+
+
 def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
-    """All weights of an SD 1.x-style pipeline in the single-file layout, on the CPU."""
+    """All weights of an SD 1.x-style or SDXL pipeline in the single-file layout, on the CPU."""
     state = unet_to_ldm(pipe.unet.state_dict(), dict(pipe.unet.config))
     state.update(vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)))
-    for key, value in pipe.text_encoder.state_dict().items():
-        # transformers ≥ 5.6 flattened CLIPTextModel; the file layout keeps ``text_model.``.
-        inner = key if key.startswith("text_model.") else "text_model." + key
-        state[TEXT_PREFIX + inner] = value
+    xl = getattr(pipe, "text_encoder_2", None) is not None
+    for component, (prefix, open_clip) in text_prefixes(xl).items():
+        weights = getattr(pipe, component).state_dict()
+        for entry in text_layout(weights, prefix, open_clip):
+            state[entry.name] = assemble(entry.op, [weights[k] for k in entry.sources])
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 

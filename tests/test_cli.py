@@ -91,3 +91,23 @@ def test_models_lists_the_bundled_zoo():
     listing = json.loads(done.stdout)
     assert listing["models"] == sorted(registry.bundled("models"))
     assert listing["loras"] == sorted(registry.bundled("loras"))
+
+
+def test_lora_bake_writes_a_loadable_checkpoint_and_refuses_bad_arguments(tmp_path):
+    out = tmp_path / "purple.safetensors"
+    done = cli("lora", "bake", "toy-base", "toy-purple:0.5", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    line = json.loads(done.stdout)
+    assert line["path"] == str(out) and line["dtype"] == "fp16" and out.is_file()
+    from composer import registry
+
+    assert registry.resolve_model(str(out)).kind == "single_file"
+    assert registry.single_file_config(registry.resolve_model(str(out))) is not None
+    for args, message in (
+        (["toy-base"], "error: lora bake: give a model, then one or more LORA"),
+        (["toy-base", "no-such-lora:0.5"], "error: experts[0].loras[0].path: unknown LoRA"),
+        (["toy-base", "toy-purple:11"], "error: experts[0].loras[0].weight: 11"),
+    ):
+        done = cli("lora", "bake", *args, "--out", str(tmp_path / "x.safetensors"))
+        assert done.returncode == 2 and done.stderr.startswith(message), done.stderr
+        assert "Traceback" not in done.stderr

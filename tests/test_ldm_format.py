@@ -1,13 +1,86 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from composer import engine, registry
 from composer.ldm_format import pipeline_to_ldm, save_single_file, unet_to_ldm
 from composer.recipe import RecipeError, parse
+from toyworld.tokenizer import save_tokenizer
 from toyworld.train import make_unet
+
+
+def build_wide_sdxl(folder, seed: int = 0) -> str:
+    """A tiny random SDXL pipeline (diffusers folder) whose two text encoders differ in width
+    (32 and 48), as SDXL's do (768 and 1280): ``from_single_file`` tells the encoders apart by
+    width, so with equal widths it would read the first encoder's weights into the second."""
+    torch.manual_seed(seed)
+    tokenizer = save_tokenizer(folder / "tokenizer_build")
+
+    def text_config(width: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=width,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            projection_dim=32,
+        )
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=32 + 48,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=2,
+        sample_size=16,
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config(32)),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(48)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+        ),
+    )
+    out = folder / f"wide-sdxl-{seed}"
+    pipe.save_pretrained(out, safe_serialization=True)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def wide_sdxl(tmp_path_factory) -> str:
+    return build_wide_sdxl(tmp_path_factory.mktemp("wide-sdxl"))
 
 
 def test_diffusers_reads_back_every_tensor_we_write(tiny_sd1, tmp_path):
@@ -17,6 +90,28 @@ def test_diffusers_reads_back_every_tensor_we_write(tiny_sd1, tmp_path):
         str(tmp_path / "one.safetensors"), config=tiny_sd1, local_files_only=True
     )
     for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(pipe, name).state_dict(), getattr(back, name).state_dict()
+        assert ours.keys() == theirs.keys(), name
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+
+def test_diffusers_reads_back_every_sdxl_tensor_we_write(wide_sdxl, tmp_path):
+    """SDXL: U-Net and VAE as SD 1.x; CLIP under ``conditioner.embedders.0.transformer.``; the
+    OpenCLIP encoder under ``conditioner.embedders.1.model.`` with q/k/v fused into in_proj and
+    the projection transposed. diffusers' reader must give back every tensor bit for bit."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(wide_sdxl)
+    state = pipeline_to_ldm(pipe)
+    prefix = "conditioner.embedders.1.model."
+    q = pipe.text_encoder_2.state_dict()["text_model.encoder.layers.1.self_attn.q_proj.weight"]
+    fused = state[prefix + "transformer.resblocks.1.attn.in_proj_weight"]
+    assert fused.shape == (3 * 48, 48) and torch.equal(fused[:48], q)
+    projection = pipe.text_encoder_2.state_dict()["text_projection.weight"]
+    assert torch.equal(state[prefix + "text_projection"], projection.T)
+    save_file(state, tmp_path / "xl.safetensors")
+    back = StableDiffusionXLPipeline.from_single_file(
+        str(tmp_path / "xl.safetensors"), config=wide_sdxl, local_files_only=True
+    )
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         ours, theirs = getattr(pipe, name).state_dict(), getattr(back, name).state_dict()
         assert ours.keys() == theirs.keys(), name
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), name

@@ -6,6 +6,10 @@ never written. The result goes into a scratch ``UNet2DConditionModel`` built onc
 architecture, device and dtype and reused; a request holds its slot's lock from the merge to the
 last sampling step, so two requests with different merges never see each other's weights, and a
 request whose merge equals the slot's current one skips the computation.
+
+An expert's LoRAs are baked into its U-Net weights as each tensor is merged (``lora.baked``, the
+same per-tensor function the export uses), from LoRA files read once and kept
+(``lora.read_lora_cached``); the cached U-Nets stay as they are.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import UNet2DConditionModel
 
+from composer.merge import lora
 from composer.merge.blocks import weight_map
 from composer.merge.plan import check_compatible, merge_tensor, whole_model_thresholds
 from composer.recipe import Merge, RecipeError
@@ -72,9 +77,12 @@ def merged_unet(
     settings: Merge,
     experts: Sequence[tuple[str, UNet2DConditionModel, float]],
     base: tuple[str, UNet2DConditionModel] | None,
+    loras: Sequence[Sequence[tuple[str, str, float]]] = (),
 ) -> Iterator[LiveMerge]:
     """Hold a scratch U-Net holding the merge of ``experts`` ((name, U-Net, weight)) over
-    ``base`` ((name, U-Net) or None) for the duration of the ``with`` block."""
+    ``base`` ((name, U-Net) or None) for the duration of the ``with`` block. ``loras[i]`` are
+    expert i's LoRAs ((recipe field, file, strength)), baked into its U-Net weights; their
+    text-encoder layers are not this function's business (the caller's pipeline applies them)."""
     first = experts[0][1]
     sources = [(name, base_weights(unet)) for name, unet, _ in experts]
     base_sd = base_weights(base[1]) if base else None
@@ -82,6 +90,13 @@ def merged_unet(
         [(n, {k: tuple(v.shape) for k, v in sd.items()}) for n, sd in sources]
         + ([(base[0], {k: tuple(v.shape) for k, v in base_sd.items()})] if base else [])
     )
+    loras = list(loras) or [()] * len(experts)
+    layers = [
+        lora.bake_plan(
+            files, {"unet." + k: tuple(v.shape) for k, v in sd.items()}, name, lora.TEXT_ENCODERS
+        )
+        for (name, sd), files in zip(sources, loras, strict=True)
+    ]
     try:
         block_weight = weight_map(first.config, settings.block_weights, settings.overrides)
     except ValueError as e:
@@ -90,6 +105,7 @@ def merged_unet(
     key = (
         settings,
         tuple((id(unet), w) for _, unet, w in experts),
+        tuple(tuple((path, s) for _, path, s in files) for files in loras),
         id(base[1]) if base else None,
     )
     with slot.lock:
@@ -97,7 +113,15 @@ def merged_unet(
         if slot.key != key:
             start = time.perf_counter()
             slot.key = None  # a merge that fails half-way must not be taken for a finished one
-            _fill(slot.unet, settings, sources, [w for _, _, w in experts], base_sd, block_weight)
+            _fill(
+                slot.unet,
+                settings,
+                sources,
+                layers,
+                [w for _, _, w in experts],
+                base_sd,
+                block_weight,
+            )
             if first.device.type == "cuda":
                 torch.cuda.synchronize(first.device)
             seconds = time.perf_counter() - start
@@ -106,14 +130,18 @@ def merged_unet(
 
 
 @torch.no_grad()
-def _fill(target, settings, sources, weights, base_sd, block_weight) -> None:
+def _fill(target, settings, sources, layers, weights, base_sd, block_weight) -> None:
     names = list(sources[0][1])
     experts = [sd for _, sd in sources]
+
+    def expert(i: int, name: str) -> torch.Tensor:
+        return lora.baked(experts[i][name], layers[i].get("unet." + name, ()))
+
     thresholds = None
     if settings.method in ("ties", "consensus") and settings.trim_scope == "model":
         thresholds = whole_model_thresholds(
             names,
-            lambda n, i: experts[i][n].float() - base_sd[n].float(),
+            lambda n, i: expert(i, n) - base_sd[n].float(),
             len(experts),
             settings.density,
         )
@@ -123,7 +151,7 @@ def _fill(target, settings, sources, weights, base_sd, block_weight) -> None:
             settings,
             name,
             base_sd[name].float() if base_sd is not None else None,
-            [sd[name].float() for sd in experts],
+            [expert(i, name) for i in range(len(experts))],
             weights,
             block_weight(name),
             thresholds,

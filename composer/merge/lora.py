@@ -1,5 +1,5 @@
-r"""LoRA arithmetic: exact sums by concatenation, rank reduction by SVD, TIES/DARE on ΔW, and
-extraction of a LoRA from two checkpoints.
+r"""LoRA arithmetic: exact sums by concatenation, rank reduction by SVD, TIES/DARE on ΔW,
+extraction of a LoRA from two checkpoints, and baking LoRAs into a model's weights.
 
 A LoRA on a module with weight W (out × in, or out × in × kh × kw for a conv) is a pair
 A (r × in[·kh·kw]) and B (out × r) with scale α/r: applied at strength s it adds
@@ -10,18 +10,27 @@ Sum of LoRAs, exactly: Σᵢ sᵢ(αᵢ/rᵢ)·Bᵢ·Aᵢ = [c₁B₁ … c_nB_n
 LoRA of rank Σrᵢ with α = r (scale 1). At a fixed smaller rank k the best approximation in the
 Frobenius norm is the truncated SVD of the summed ΔW (Eckart–Young): B = U_k·S_k, A = V_kᵀ.
 
+Baking is W' = W + Σⱼ sⱼ·ΔWⱼ for every weight W that LoRA j changes: what diffusers' ``fuse_lora``
+computes inside a loaded pipeline, done here one tensor at a time from the LoRA files, so that a
+merge (live or streamed to disk) can take each expert with its LoRAs as that expert's weights.
+
 Files are read with diffusers' ``lora_state_dict`` (kohya, PEFT and diffusers layouts) and written
 in the PEFT layout diffusers' ``load_lora_weights`` reads, with the scale folded into B (α = r).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
+from composer.ldm_format import clip_inner
 from composer.merge import methods as m
+from composer.recipe import RecipeError
 
 
 @dataclass
@@ -35,6 +44,11 @@ class LoraPair:
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of ΔW (and of the weight it changes)."""
+        return (int(self.up.shape[0]), *(int(d) for d in self.down.shape[1:]))
 
     def delta(self, strength: float = 1.0) -> torch.Tensor:
         """ΔW = s·scale·B·A, in the module weight's shape (a conv's kernel dims come from A)."""
@@ -110,10 +124,15 @@ def extract(weight_a: torch.Tensor, weight_b: torch.Tensor, rank: int) -> LoraPa
 
 def read_lora(path: str) -> dict[str, LoraPair]:
     """A LoRA file (kohya, PEFT or diffusers layout, ``.safetensors``) → module name (with its
-    ``unet.``/``text_encoder.`` prefix) → ``LoraPair`` with the file's α/r as ``scale``."""
+    ``unet.``/``text_encoder.`` prefix) → ``LoraPair`` with the scale diffusers loads it with
+    (``lora_scale``)."""
     from diffusers import StableDiffusionPipeline
 
-    state, alphas = StableDiffusionPipeline.lora_state_dict(path)
+    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+        path, return_lora_metadata=True
+    )
+    if any("lora_magnitude_vector" in k for k in state):
+        raise ValueError(f"{path}: DoRA (a magnitude vector per layer) is not a plain LoRA")
     pairs = {}
     for key, down in state.items():
         if not key.endswith(".lora_A.weight"):
@@ -122,12 +141,27 @@ def read_lora(path: str) -> dict[str, LoraPair]:
         up = state.get(module + ".lora_B.weight")
         if up is None:
             raise ValueError(f"{path}: {module} has lora_A but no lora_B")
-        alpha = (alphas or {}).get(module + ".alpha")
-        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
-        pairs[module] = LoraPair(down, up, scale)
+        pairs[module] = LoraPair(down, up, lora_scale(module, down.shape[0], alphas, metadata))
     if not pairs:
         raise ValueError(f"{path}: no LoRA weights found")
     return pairs
+
+
+def lora_scale(module: str, rank: int, alphas: dict | None, metadata: dict | None) -> float:
+    """α/r for one module, as diffusers and PEFT apply it: from the PEFT config a file carries
+    (``lora_alpha``, per-module ``alpha_pattern`` matched as PEFT matches it, α/√r with
+    ``use_rslora``), else from kohya's per-module ``alpha``, else α = r (scale 1, the diffusers
+    convention for files without alphas)."""
+    from peft.utils.other import get_pattern_key
+
+    component, _, inner = module.partition(".")
+    if metadata and f"{component}.lora_alpha" in metadata:
+        pattern = metadata.get(f"{component}.alpha_pattern") or {}
+        alpha = pattern.get(get_pattern_key(pattern, inner), metadata[f"{component}.lora_alpha"])
+        root = metadata.get(f"{component}.use_rslora")
+        return float(alpha) / (math.sqrt(rank) if root else rank)
+    alpha = (alphas or {}).get(module + ".alpha")
+    return float(alpha) / rank if alpha is not None else 1.0
 
 
 def write_lora(
@@ -195,4 +229,82 @@ def extract_models(tuned_files, base_files, rank: int, device: str = "cpu") -> d
         if float(delta.abs().max()) == 0.0:
             continue
         out["unet." + name[: -len(".weight")]] = from_delta(delta, rank)
+    return out
+
+
+# --- baking -----------------------------------------------------------------------------------
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+Layers = dict[str, list[tuple[LoraPair, float]]]
+"""Parameter name (``unet.<name>``, ``text_encoder.text_model.<name>``) → the LoRA layers that
+change it, each with its strength."""
+
+
+def parameter_of(module: str) -> str:
+    """A LoRA module name (``read_lora``'s keys) → the name of the weight it changes, spelt as
+    ``Layers`` spells it (text-encoder names with ``text_model.``, see ``clip_inner``)."""
+    component, _, inner = module.partition(".")
+    if component in TEXT_ENCODERS:
+        inner = clip_inner(inner)
+    return f"{component}.{inner}.weight"
+
+
+@lru_cache(maxsize=4)
+def _read_cached(path: str, stamp: tuple[int, int]) -> dict[str, LoraPair]:
+    return read_lora(path)
+
+
+def read_lora_cached(path: str) -> dict[str, LoraPair]:
+    """``read_lora`` kept for the few LoRAs used last (keyed by path, size and mtime), so that a
+    live re-merge with other merge settings does not read its LoRA files again."""
+    stat = os.stat(path) if os.path.isfile(path) else None
+    return _read_cached(path, (stat.st_size, stat.st_mtime_ns) if stat else (0, 0))
+
+
+def bake_plan(
+    loras: Iterable[tuple[str, str, float]],
+    shapes: Mapping[str, tuple[int, ...]],
+    model: str,
+    unused: Sequence[str] = (),
+) -> Layers:
+    """Read ``loras`` ((where, path, strength): ``where`` names the recipe field for messages)
+    and place every layer on the weight it changes, before any tensor is computed.
+
+    ``shapes`` holds the weights that can be baked (``Layers`` names); layers of a component in
+    ``unused`` are left out (a merge samples with the first expert's text encoder, so the other
+    experts' text-encoder layers have nowhere to go, like those experts' own text encoders). A
+    layer with no weight of its shape in ``shapes`` is a ``RecipeError``: the LoRA does not fit."""
+    plan: Layers = {}
+    components = sorted({k.partition(".")[0] for k in shapes})
+    for where, path, strength in loras:
+        try:
+            pairs = read_lora_cached(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise RecipeError(f"{where}: {path!r} could not be read as a LoRA ({e})") from None
+        for module, pair in pairs.items():
+            if module.partition(".")[0] in unused:
+                continue
+            name = parameter_of(module)
+            shape = shapes.get(name)
+            if shape is None:
+                raise RecipeError(
+                    f"{where}: {path!r} does not fit {model!r}: it changes {module}, which is not "
+                    f"a weight of its {', '.join(components)} that can be baked"
+                )
+            if pair.shape[0] != shape[0] or math.prod(pair.shape) != math.prod(shape):
+                raise RecipeError(
+                    f"{where}: {path!r} does not fit {model!r}: its ΔW for {module} is "
+                    f"{pair.shape}, the weight is {tuple(shape)}"
+                )
+            plan.setdefault(name, []).append((pair, strength))
+    return plan
+
+
+def baked(weight: torch.Tensor, layers: Sequence[tuple[LoraPair, float]] = ()) -> torch.Tensor:
+    r"""W' = W + Σⱼ sⱼ·(αⱼ/rⱼ)·Bⱼ·Aⱼ in fp32 on W's device (W itself in fp32 when no layer
+    changes it). Never modifies W."""
+    out = weight.float()
+    for pair, strength in layers:
+        on = LoraPair(pair.down.to(out.device), pair.up.to(out.device), pair.scale)
+        out = out + on.delta(strength).reshape(out.shape)
     return out
