@@ -1,8 +1,12 @@
 """Diffusion Composer's page: layout and event wiring only. ``python app.py`` serves it.
 
 Every action goes through a recipe: the controls are turned into recipe JSON, parsed by
-``composer.recipe.parse`` (the one validation), run by ``composer.engine``; a dropped PNG or a
-pasted recipe is parsed the same way and written back into the controls.
+``composer.recipe.parse`` (the one validation), run by ``composer.engine``; a dropped PNG, a
+pasted recipe or a shared link (``?id=`` from ``composer.store``, ``?recipe=`` from
+``composer.links``) is parsed the same way and written back into the controls.
+
+On a Hugging Face Space with ZeroGPU the sampling runs inside ``spaces.GPU``; elsewhere, or
+without the ``spaces`` package, the same function runs as it is.
 """
 
 from __future__ import annotations
@@ -21,17 +25,27 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import gradio as gr
 
+try:
+    import spaces  # on ZeroGPU this must come before anything initialises CUDA
+except ImportError:
+    spaces = None
+
+from gradio import route_utils
+
 from composer import engine, registry
-from composer.pnginfo import read_recipe
+from composer.links import decode_recipe, recipe_link, share_link
+from composer.pnginfo import png_bytes, read_recipe
 from composer.recipe import (
     A1111_SAMPLERS,
     MAX_IMAGES,
     MAX_STEPS,
     MERGE_METHODS,
     Merge,
+    Recipe,
     RecipeError,
     parse,
 )
+from composer.store import Store
 
 log = logging.getLogger("composer.app")
 LORA_SLOTS = 3
@@ -358,42 +372,92 @@ def expert_labels(recipe) -> list[str]:
     ]
 
 
-# --- handlers -----------------------------------------------------------------------------------
+# --- GPU ----------------------------------------------------------------------------------------
+
+GPU_SECONDS_BASE = 20
+"""Loading a checkpoint the worker has not cached yet, decoding latents, returning the images."""
+GPU_SECONDS_PER_CALL = 0.1
+"""One U-Net step with classifier-free guidance on 512×512 pixels, with a margin: SD 1.5 in fp16
+takes a few hundredths of a second on an H100-class GPU, and a ZeroGPU slice is part of one."""
+GPU_SECONDS_PER_MERGED_EXPERT = 10
+"""Reading one expert's U-Net into a live merge (TIES' thresholds included)."""
 
 
-def run_recipe(recipe_json: str, progress=gr.Progress(), request: gr.Request = None):
-    """Generate from recipe JSON: the page's Generate button and the ``generate`` API endpoint.
-    Returns the gallery, the recipe as run, a status line, the per-image κ traces (page state)
-    and the κ plot of the first image (superposition only)."""
+def gpu_seconds(recipe: Recipe, *_) -> int:
+    """How long a ZeroGPU call for ``recipe`` asks to hold the GPU. ZeroGPU stops a call that
+    overruns its ask and queues longer asks behind shorter ones, so the ask follows the work:
+    U-Net calls (steps × experts × images) scaled by the pixel count (SDXL's 1024² where the
+    recipe leaves the size to the model), plus loading, plus the live merge for ``merge``."""
+    s = recipe.sampler
+    experts = len(recipe.experts) if recipe.method in ("superpose", "aggregate") else 1
+    pixels = (s.width or 1024) * (s.height or 1024) / 512**2
+    seconds = GPU_SECONDS_BASE + GPU_SECONDS_PER_CALL * s.steps * experts * s.num_images * pixels
+    if recipe.method == "merge":
+        seconds += GPU_SECONDS_PER_MERGED_EXPERT * len(recipe.experts)
+    return math.ceil(seconds)
+
+
+def on_gpu(fn):
+    """``spaces.GPU`` with a duration from ``gpu_seconds`` where the ``spaces`` package is
+    installed. It changes nothing unless the Space runs on ZeroGPU (``SPACES_ZERO_GPU``), so the
+    same code runs locally, in CI, on a Space with its own GPU or on CPU."""
+    return fn if spaces is None else spaces.GPU(fn, duration=gpu_seconds)
+
+
+@on_gpu
+def sample(recipe: Recipe, progress: gr.Progress, cancel_key: str) -> engine.Result:
+    """The GPU part of a generation. On ZeroGPU it runs in a forked worker: its arguments and
+    result are pickled, so it takes the key of the Stop button's event rather than the event (a
+    worker cannot see it, and Stop ends a ZeroGPU call only once it returns), and only
+    ``gr.Error`` crosses back with its message, so every failure becomes one here."""
+
+    def report(done: int, total: int) -> None:
+        progress((done, total), desc="Sampling", unit="steps")
+
     try:
-        recipe = parse(recipe_json, check=registry.check_reference)
-    except RecipeError as e:
-        raise gr.Error(str(e), print_exception=False) from None
-    key = request.session_hash if request is not None else uuid.uuid4().hex
-    cancel = _CANCEL[key] = threading.Event()
-    try:
-        result = engine.generate(
-            recipe,
-            cancel=cancel,
-            progress=lambda done, total: progress((done, total), desc="Sampling", unit="steps"),
-        )
-    except engine.Cancelled as e:
-        gr.Info(f"Stopped; {len(e.images)} image(s) were finished.")
-        return [], recipe.to_json(), "Stopped.", None, gr.update(visible=False)
+        return engine.generate(recipe, cancel=_CANCEL.get(cancel_key), progress=report)
+    except engine.Cancelled:
+        raise
     except RecipeError as e:
         raise gr.Error(str(e), print_exception=False) from None
     except Exception as e:  # keep the server up for the next user; the log has the traceback
         log.exception("generation failed")
         raise gr.Error(f"Generation failed: {e.__class__.__name__}: {e}") from None
+
+
+def preload() -> None:
+    """Load the bundled models before the server starts. On ZeroGPU ``spaces`` makes CUDA look
+    present in this process, so the cache moves them to "cuda" here, which ZeroGPU packs once and
+    hands to every GPU worker it forks; a model first loaded inside a GPU call is loaded again by
+    each new worker, on that call's time."""
+    for name in registry.bundled("models"):
+        with registry.CACHE.lease(registry.resolve_model(name)):
+            pass
+
+
+# --- handlers -----------------------------------------------------------------------------------
+
+
+def run_recipe(recipe_json: str, progress=gr.Progress(), request: gr.Request = None):
+    """Generate from recipe JSON: the page's Generate button and the ``generate`` API endpoint.
+    Returns the gallery, the recipe as run, a status line, the per-image κ traces (page state),
+    the κ plot of the first image (superposition only) and what Share stores (session state)."""
+    try:
+        recipe = parse(recipe_json, check=registry.check_reference)
+    except RecipeError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    key = request.session_hash if request is not None else uuid.uuid4().hex
+    _CANCEL[key] = threading.Event()
+    try:
+        result = sample(recipe, progress, key)
+    except engine.Cancelled as e:
+        gr.Info(f"Stopped; {len(e.images)} image(s) were finished.")
+        return [], recipe.to_json(), "Stopped.", None, gr.update(visible=False), None
     finally:
         _CANCEL.pop(key, None)
-    folder = OUTPUT_DIR / uuid.uuid4().hex
-    folder.mkdir(parents=True, exist_ok=True)
-    gallery = []
-    for i, (image, info) in enumerate(zip(result.images, result.metadata, strict=False)):
-        path = folder / f"{i:05d}.png"
-        image.save(path, format="PNG", pnginfo=info)
-        gallery.append((str(path), f"seed {result.seeds[i]}"))
+    paths = write_pngs(
+        [png_bytes(image, info) for image, info in zip(result.images, result.metadata, strict=True)]
+    )
     status = (
         f"{len(result.images)} image(s), {sum(result.seconds):.2f} s on {result.device} "
         f"({sum(result.seconds) / max(len(result.images), 1):.2f} s per image)"
@@ -403,7 +467,138 @@ def run_recipe(recipe_json: str, progress=gr.Progress(), request: gr.Request = N
     if recipe.method == "superpose" and result.trace:
         kappas = {"labels": expert_labels(recipe), "traces": result.trace, "seeds": result.seeds}
         plot = kappa_plot(kappas, 0)
-    return gallery, recipe.to_json(), status, kappas, plot
+    last = {"recipe": recipe.to_json(indent=None), "paths": paths}
+    return gallery_items(paths, recipe), recipe.to_json(), status, kappas, plot, last
+
+
+def write_pngs(pngs: list[bytes]) -> list[str]:
+    """PNG files in a fresh folder under ``OUTPUT_DIR``, the one place the page serves files from
+    (the share store's own folder is never served)."""
+    folder = OUTPUT_DIR / uuid.uuid4().hex
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, png in enumerate(pngs):
+        path = folder / f"{i:05d}.png"
+        path.write_bytes(png)
+        paths.append(str(path))
+    return paths
+
+
+def gallery_items(paths: list[str], recipe: Recipe) -> list[tuple[str, str]]:
+    return [(path, f"seed {recipe.sampler.seed + i}") for i, path in enumerate(paths)]
+
+
+def page_url(request: gr.Request | None) -> str:
+    """Where links point. On a Space: its page on huggingface.co, which passes ``?id=`` and
+    ``?recipe=`` on to the app when it loads (the app's own address is an iframe's). Elsewhere:
+    the address this request reached the server at, proxy headers resolved as Gradio does."""
+    space = os.environ.get("SPACE_ID")
+    if space:
+        return f"https://huggingface.co/spaces/{space}"
+    raw = getattr(request, "request", None)
+    if raw is None:
+        return ""
+    try:
+        route = route_utils.get_api_call_path(raw)
+    except ValueError:  # an event outside the queue
+        route = ""
+    return route_utils.get_root_url(raw, route, None)
+
+
+def share(last: dict | None, listed: bool = False, request: gr.Request = None):
+    """The Share button and the ``share`` API endpoint: store this session's last generation
+    (the recipe it ran and the PNGs this server wrote, never files a client sends) and return its
+    ``?id=`` link and the stateless ``?recipe=`` link ("" when the recipe is too long for one)."""
+    if not last:
+        raise gr.Error("Nothing to share yet: generate first, then press Share.")
+    base = page_url(request)
+    try:
+        pngs = [Path(path).read_bytes() for path in last["paths"]]
+    except OSError:
+        raise gr.Error(
+            "The images of the last generation are no longer on the server; generate again."
+        ) from None
+    try:
+        share_id = Store().save(last["recipe"], pngs, listed=bool(listed))
+        recipe = parse(last["recipe"])
+    except RecipeError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    try:
+        stateless = recipe_link(base, recipe)
+    except RecipeError as e:
+        gr.Info(str(e))
+        stateless = ""
+    return share_link(base, share_id), stateless
+
+
+def open_link(request: gr.Request):
+    """Page load: ``?id=`` shows a stored generation, ``?recipe=`` sets the controls from a
+    stateless link. Returns updates for ``[*restored, gallery, status, last, rerun_recipe,
+    rerun]``; a link that cannot be opened says why in the status line."""
+    query = dict(request.query_params) if request is not None else {}
+    if "id" in query:
+        return open_entry(query["id"])
+    if "recipe" not in query:
+        return [*[gr.update()] * (RESTORED + 2), None, None, gr.update(visible=False)]
+    try:
+        recipe = decode_recipe(query["recipe"])
+    except RecipeError as e:
+        return cannot_open(e)
+    status = "Controls set from the link's recipe; **Re-run** makes its images."
+    return [*restore(recipe), gr.update(), status, None, recipe.to_json(), gr.update(visible=True)]
+
+
+def open_entry(share_id: str) -> list:
+    """A stored generation on the page: its recipe in the controls, its images as they were
+    made (not made again) and Re-run, which makes them again from the recipe."""
+    try:
+        entry = Store().open(share_id)
+    except RecipeError as e:
+        return cannot_open(e)
+    paths = write_pngs(list(entry.pngs))
+    last = {"recipe": entry.recipe.to_json(indent=None), "paths": paths}
+    status = (
+        f"Shared generation `{entry.id}`: {len(paths)} image(s) as they were made. "
+        "**Re-run** makes them again from the recipe."
+    )
+    return [
+        *restore(entry.recipe),
+        gallery_items(paths, entry.recipe),
+        status,
+        last,
+        entry.recipe.to_json(),
+        gr.update(visible=True),
+    ]
+
+
+def cannot_open(error: RecipeError) -> list:
+    return [
+        *[gr.update()] * (RESTORED + 1),
+        f"This link cannot be opened: {error}",
+        None,
+        None,
+        gr.update(visible=False),
+    ]
+
+
+def list_shared():
+    """The Shared panel: the first image of each of the latest generations shared with "list
+    it"; an entry that no longer opens is left out."""
+    shares = Store()
+    items, ids = [], []
+    for share_id in shares.latest():
+        try:
+            entry = shares.open(share_id)
+        except RecipeError:
+            continue
+        (path,) = write_pngs([entry.pngs[0]])
+        items.append((path, f"{entry.recipe.method}: {entry.recipe.prompt[:60]}"))
+        ids.append(share_id)
+    return items, ids
+
+
+def open_shared(ids: list[str], evt: gr.SelectData):
+    return open_entry(ids[evt.index])
 
 
 def kappa_plot(kappas: dict | None, index: int):
@@ -468,7 +663,7 @@ def restore_from_recipe(recipe_json: str, *current):
 
 def restore_from_png(image, *current):
     if image is None:
-        return [gr.update()] * (len(CONTROLS) + 2 + 2 * PAGE_EXPERTS)
+        return [gr.update()] * RESTORED
     try:
         recipe = read_recipe(image)
     except RecipeError as e:
@@ -519,6 +714,8 @@ def expert_dropdown(models: list[str], value: str, k: int) -> gr.Dropdown:
 
 
 CONTROLS: list = []
+RESTORED = len(control_names()) + 2 + 2 * PAGE_EXPERTS
+"""How many outputs ``restore`` updates: the controls, the recipe box, the tabs, the rows."""
 
 
 def build() -> gr.Blocks:
@@ -535,6 +732,8 @@ def build() -> gr.Blocks:
         merge_shown = gr.State(2)
         exact_bias = gr.State(None)
         kappas = gr.State(None)
+        last = gr.State(None)
+        rerun_recipe = gr.State(None)
         with gr.Row():
             with gr.Column(scale=5):
                 with gr.Tabs(selected="single") as tabs:
@@ -695,9 +894,31 @@ def build() -> gr.Blocks:
                     halt = gr.Button("Stop", variant="stop")
             with gr.Column(scale=6):
                 gallery = gr.Gallery(
-                    label="Results", format="png", columns=4, height="auto", object_fit="contain"
+                    label="Results",
+                    format="png",
+                    columns=4,
+                    height="auto",
+                    object_fit="contain",
+                    elem_id="results",
                 )
                 status = gr.Markdown("")
+                with gr.Row():
+                    share_button = gr.Button("Share", size="sm")
+                    listed = gr.Checkbox(False, label="Also list it under Shared", scale=0)
+                    rerun = gr.Button("Re-run", size="sm", visible=False)
+                with gr.Group(visible=False) as links:
+                    link = gr.Textbox(
+                        label="Link to this generation (recipe and images)",
+                        buttons=["copy"],
+                        interactive=False,
+                        elem_id="share-link",
+                    )
+                    stateless_link = gr.Textbox(
+                        label="Link with the recipe only (needs no storage on the server)",
+                        buttons=["copy"],
+                        interactive=False,
+                        elem_id="recipe-link",
+                    )
                 plot = gr.LinePlot(
                     x="step",
                     y="kappa",
@@ -721,6 +942,15 @@ def build() -> gr.Blocks:
                         show = gr.Button("Show recipe of the controls")
                         apply = gr.Button("Set controls from this recipe")
                         run_json = gr.Button("Generate from this recipe")
+                with gr.Accordion("Shared", open=False) as shared_box:
+                    shared_gallery = gr.Gallery(
+                        label="Latest generations shared with “list it”; click one to open it",
+                        format="png",
+                        columns=4,
+                        height="auto",
+                        allow_preview=False,
+                    )
+                    shared_ids = gr.State([])
 
         CONTROLS[:] = [
             method,
@@ -754,10 +984,23 @@ def build() -> gr.Blocks:
         ]
         assert len(CONTROLS) == len(control_names())
         restored = [*CONTROLS, recipe_box, tabs, *rows, *merge_rows]
-        outputs = [gallery, recipe_box, status, kappas, plot]
+        outputs = [gallery, recipe_box, status, kappas, plot, last]
         job = go.click(run_controls, CONTROLS, outputs, api_visibility="undocumented")
         job_json = run_json.click(run_recipe, [recipe_box], outputs, api_name="generate")
-        halt.click(stop, None, None, cancels=[job, job_json], queue=False)
+        job_rerun = rerun.click(run_recipe, [rerun_recipe], outputs, api_visibility="undocumented")
+        halt.click(stop, None, None, cancels=[job, job_json, job_rerun], queue=False)
+        share_button.click(share, [last, listed], [link, stateless_link], api_name="share").success(
+            lambda: gr.update(visible=True), None, links, queue=False, api_visibility="private"
+        )
+        gallery.change(
+            lambda: gr.update(visible=False), None, links, queue=False, api_visibility="private"
+        )  # the links belong to the images they were made for
+        opened = [*restored, gallery, status, last, rerun_recipe, rerun]
+        demo.load(open_link, None, opened, api_visibility="undocumented")
+        shared_box.expand(
+            list_shared, None, [shared_gallery, shared_ids], api_visibility="undocumented"
+        )
+        shared_gallery.select(open_shared, [shared_ids], opened, api_visibility="undocumented")
         gallery.select(select_image, [kappas], plot, queue=False)
         tab_single.select(lambda: "single", None, method, queue=False)
         tab_superpose.select(lambda: "superpose", None, method, queue=False)
@@ -787,6 +1030,8 @@ def build() -> gr.Blocks:
 
 def main() -> None:
     registry.quiet_libraries()
+    if os.environ.get("SPACES_ZERO_GPU"):
+        preload()
     demo = build()
     demo.queue(default_concurrency_limit=int(os.environ.get("COMPOSER_CONCURRENCY", "1")))
     demo.launch(allowed_paths=[str(OUTPUT_DIR)])

@@ -1,12 +1,18 @@
 import json
 import math
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import parse_qs, urlsplit
 
+import gradio as gr
 import pytest
 from PIL import Image
 
 import app
+from composer.links import decode_recipe
 from composer.pnginfo import read_recipe
 from composer.recipe import RecipeError, parse
+from composer.store import Store
 
 
 def recipe_json(model, **sampler):
@@ -260,3 +266,58 @@ def test_merge_tab_exports_a_file_that_loads_as_a_model(tiny_sd1, tiny_sd1_other
         assert json.loads(f.metadata()["composer_recipe"])["method"] == "merge"
         assert f.get_tensor(next(iter(f.keys()))).dtype.is_floating_point
     assert parse({"prompt": "a", "experts": [{"model": path}]}, check=app.registry.check_reference)
+
+
+def test_share_endpoint_stores_the_generation_and_its_link_opens_it(
+    served, tiny_sd1, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("COMPOSER_DATA", str(tmp_path))  # read per request, by the server too
+    gallery, recipe_text, *_ = served.predict(recipe_json(tiny_sd1), api_name="/generate")
+    link, stateless = served.predict(False, api_name="/share")
+    made = [Path(item["image"]).read_bytes() for item in gallery]
+    assert link.startswith(served.src.rstrip("/") + "/?id=")
+    share_id = parse_qs(urlsplit(link).query)["id"][0]
+    entry = Store(tmp_path).open(share_id)
+    assert entry.pngs == tuple(made) and entry.recipe == parse(recipe_text)
+    assert decode_recipe(parse_qs(urlsplit(stateless).query)["recipe"][0]) == entry.recipe
+
+    page = app.open_link(SimpleNamespace(query_params={"id": share_id}))
+    n = len(app.CONTROLS)
+    assert parse(app.recipe_dict(*page[:n])) == entry.recipe
+    shown, status, last, rerun_recipe = page[app.RESTORED : app.RESTORED + 4]
+    assert [Path(path).read_bytes() for path, _ in shown] == made
+    assert share_id in status and last["paths"] == [path for path, _ in shown]
+
+    again, *_ = app.run_recipe(rerun_recipe)
+    assert [pixels(path) for path, _ in again] == [pixels(path) for path, _ in shown]
+
+
+def pixels(path: str) -> bytes:
+    with Image.open(path) as image:
+        return image.convert("RGB").tobytes()
+
+
+def test_share_before_any_generation_is_an_error_message(served):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="Nothing to share yet: generate first"):
+        Client(served.src, verbose=False).predict(False, api_name="/share")
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ({"id": "../x"}, "share id: '../x' is not accepted"),
+        ({"id": "AAAAAAAAAAAA"}, "no shared generation has the id"),
+        ({"recipe": "%%%"}, "recipe link: '%%%' is not accepted"),
+    ],
+)
+def test_a_link_that_cannot_be_opened_is_a_status_message(query, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPOSER_DATA", str(tmp_path))
+    app.build()
+    page = app.open_link(SimpleNamespace(query_params=query))
+    assert page[: app.RESTORED + 1] == [gr.update()] * (app.RESTORED + 1)
+    assert page[app.RESTORED + 1].startswith("This link cannot be opened: ")
+    assert message in page[app.RESTORED + 1]
+    assert page[-1] == gr.update(visible=False)
