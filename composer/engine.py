@@ -51,7 +51,7 @@ class Result:
     """``merge``: seconds spent merging weights (0.0 when the live merge was reused)."""
 
 
-IMPLEMENTED = ("single", "superpose", "merge")
+IMPLEMENTED = ("single", "superpose", "merge", "aggregate")
 
 
 def generate(
@@ -76,6 +76,11 @@ def generate(
         check_settings(settings, len(sources), settings.base is not None)
         if settings.base is not None:
             base = registry.resolve_model(settings.base, "merge.base")
+    if recipe.method == "aggregate" and any(loras):
+        raise RecipeError(
+            "experts: LoRAs on the experts of an aggregate are not supported: an aggregator is "
+            "trained for its experts' weights; merge the LoRA into a checkpoint first"
+        )
     by_location = {src.location: src for src in [*sources, *([base] if base else [])]}
     with ExitStack() as stack:
         leases = {
@@ -88,6 +93,8 @@ def generate(
             )
         if recipe.method == "merge":
             return _sample_merge(recipe, sources, loras, base, leases, progress, cancel)
+        if recipe.method == "aggregate":
+            return _sample_aggregate(recipe, sources, leases, progress, cancel)
         return _sample_superpose(recipe, sources, loras, leases, progress, cancel)
 
 
@@ -332,3 +339,70 @@ def _sample_superpose(
         return out.images[0], steps
 
     return _each_image(recipe, sources, str(pipe.device), progress, cancel, sample)
+
+
+def _sample_aggregate(
+    recipe: Recipe,
+    sources: list[registry.Source],
+    leases: dict,
+    progress: Progress | None,
+    cancel: threading.Event | None,
+) -> Result:
+    """AFA (Wang et al. 2025) through ``AggregationPipeline``: the experts' U-Nets walked in
+    lock-step, blended after every block by the recipe's aggregator, or averaged uniformly
+    when it names none. The recipe's scheduler is used, CFG acts on the blended prediction."""
+    from pipelines.aggregation import AggregationPipeline
+
+    for lease in leases.values():
+        lease.use_loras([])
+    pipes = [leases[src.location].pipe for src in sources]
+    names = [src.reference for src in sources]
+    if len({registry.latent_signature(p) for p in pipes}) > 1:
+        raise RecipeError(
+            f"experts: {names[0]!r} and another expert have different latent spaces (VAE); "
+            "aggregated experts must share one"
+        )
+    settings = recipe.aggregate
+    aggregator = None
+    if settings is not None and settings.aggregator is not None:
+        aggregator = registry.load_aggregator(
+            registry.resolve_aggregator(settings.aggregator, "aggregate.aggregator"),
+            pipes[0].device,
+            pipes[0].unet.dtype,
+        )
+    try:
+        ensemble = AggregationPipeline.from_pipes(pipes, aggregator, names)
+    except ValueError as e:
+        raise RecipeError(f"experts: {e}") from None
+    s = recipe.sampler
+    ensemble.scheduler = make_scheduler(s.scheduler, pipes[0].scheduler.config)
+    ensemble.set_progress_bar_config(disable=True)
+    native_width, native_height = native_size(pipes[0])
+    width, height = s.width or native_width, s.height or native_height
+    prompts = [recipe.expert_prompt(i) for i in range(len(sources))]
+
+    def sample(seed: int, on_step):
+        steps: list[dict] = []
+
+        def record(p, step, timestep, kwargs):
+            steps.append({"step": step + 1, "timestep": float(timestep)})
+            return on_step(p, step, timestep, kwargs)
+
+        out = ensemble(
+            prompts,
+            negative_prompt=recipe.negative_prompt or None,
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance_scale,
+            width=width,
+            height=height,
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+            callback_on_step_end=record,
+            return_maps=True,
+        )
+        for name, maps in zip(out.point_names, out.maps, strict=True):
+            weights = maps[:, 0].float().mean(dim=(2, 3))  # (steps, N): mean weight per expert
+            for k, row in enumerate(weights.tolist()):
+                steps[k].setdefault("aggregation", {})[name] = [round(w, 4) for w in row]
+        return out.images[0], steps
+
+    return _each_image(recipe, sources, str(ensemble.device), progress, cancel, sample)

@@ -129,6 +129,35 @@ def resolve_aggregator(reference: str, where: str = "aggregator") -> str:
     )
 
 
+def load_aggregator(path: str, device: torch.device, dtype: torch.dtype):
+    """An AFA aggregator folder (``config.json`` + safetensors weights) on ``device``; cached by
+    (path, modification time, device, dtype). It is only read while sampling, so requests share it.
+    """
+    from pipelines.aggregation import Aggregator
+
+    weights = Path(path) / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise RecipeError(
+            f"aggregate.aggregator: {path!r} holds no diffusion_pytorch_model.safetensors"
+        )
+    key = (str(Path(path).resolve()), weights.stat().st_mtime_ns, str(device), str(dtype))
+    with _AGGREGATOR_LOCK:
+        if key not in _AGGREGATORS:
+            try:
+                aggregator = Aggregator.from_pretrained(path, use_safetensors=True)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise RecipeError(
+                    f"aggregate.aggregator: {path!r} is not an aggregator: {_first_line(str(e))}"
+                ) from None
+            _AGGREGATORS.clear()
+            _AGGREGATORS[key] = aggregator.to(device=device, dtype=dtype).eval()
+        return _AGGREGATORS[key]
+
+
+_AGGREGATORS: dict[tuple, object] = {}
+_AGGREGATOR_LOCK = threading.Lock()
+
+
 def check_reference(kind: str, reference: str, where: str) -> None:
     """The ``check`` that ``composer.recipe.parse`` calls for every reference in a recipe."""
     {"model": resolve_model, "lora": resolve_lora, "aggregator": resolve_aggregator}[kind](

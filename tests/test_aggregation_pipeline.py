@@ -92,7 +92,7 @@ def test_each_expert_uses_its_own_text_encoder(tiny_sd1, tiny_sd1_other):
     """Expert 2's prompt embedding comes from its own text encoder, not the first's."""
     a, b = (_load(StableDiffusionPipeline, p) for p in (tiny_sd1, tiny_sd1_other))
     ensemble = AggregationPipeline.from_pipes([a, b])
-    texts, _ = ensemble._encode("a red circle", None, 1, False, 16, 16, torch.device("cpu"))
+    texts, _ = ensemble._encode(["a red circle"] * 2, None, 1, False, 16, 16, torch.device("cpu"))
     (own_b,) = b.encode_prompt("a red circle", "cpu", 1, False)[:1]
     torch.testing.assert_close(texts[1], own_b)
     assert not torch.allclose(texts[0], texts[1])

@@ -196,7 +196,7 @@ class AggregationPipeline(DiffusionPipeline):
 
     def _encode(
         self,
-        prompt: str,
+        prompts: Sequence[str],
         negative_prompt: str | None,
         batch: int,
         cfg: bool,
@@ -204,12 +204,12 @@ class AggregationPipeline(DiffusionPipeline):
         width: int,
         device: torch.device,
     ) -> tuple[list[torch.Tensor], list[dict | None]]:
-        """Per expert: prompt embeddings [negative (B)?, prompt (B)] and SDXL's added
+        """Per expert: its prompt's embeddings [negative (B)?, prompt (B)] and SDXL's added
         conditioning, each from the expert's own text encoder(s) (experts sharing the encoders
-        share one encoding)."""
+        and the prompt share one encoding)."""
         texts, added, done = [], [], {}
-        for expert in self.experts:
-            key = (id(expert.text_encoder), id(expert.text_encoder_2))
+        for expert, prompt in zip(self.experts, prompts, strict=True):
+            key = (id(expert.text_encoder), id(expert.text_encoder_2), prompt)
             if key not in done:
                 encoder = self._encoder(expert)
                 dtype = expert.unet.dtype
@@ -260,7 +260,7 @@ class AggregationPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str,
+        prompt: str | Sequence[str],
         negative_prompt: str | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
@@ -280,13 +280,18 @@ class AggregationPipeline(DiffusionPipeline):
     ) -> AggregationPipelineOutput | tuple:
         r"""Generate ``num_images_per_prompt`` images of ``prompt`` with the AFA ensemble.
 
-        The arguments are those of ``StableDiffusionPipeline`` (the scheduler is
+        ``prompt`` is one str for every expert, or one per expert (each expert's U-Net then
+        cross-attends to its own prompt; the aggregators see the mean embedding). The arguments are those of ``StableDiffusionPipeline`` (the scheduler is
         ``pipe.scheduler``; swap it as usual). ``return_maps=True`` also returns, per aggregation
         point, each expert's weight at every pixel and step (``AggregationPipelineOutput.maps``).
         Setting ``pipe._interrupt = True`` in a callback stops after that step.
         """
-        if not isinstance(prompt, str):
-            raise ValueError("prompt must be one str; use num_images_per_prompt for a batch")
+        prompts = [prompt] * len(self.experts) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(self.experts):
+            raise ValueError(
+                f"give one prompt, or one per expert ({len(self.experts)}), not {len(prompts)}; "
+                "use num_images_per_prompt for a batch"
+            )
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
@@ -307,7 +312,7 @@ class AggregationPipeline(DiffusionPipeline):
         device = self._execution_device
         batch = num_images_per_prompt
         cfg = guidance_scale > 1.0
-        texts, added = self._encode(prompt, negative_prompt, batch, cfg, height, width, device)
+        texts, added = self._encode(prompts, negative_prompt, batch, cfg, height, width, device)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps

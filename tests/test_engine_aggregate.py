@@ -1,0 +1,79 @@
+"""``method: aggregate`` through the engine: recipes in, images and aggregation traces out."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from composer import engine, registry
+from composer.recipe import RecipeError, parse
+from pipelines.aggregation import Aggregator
+
+
+def aggregate(experts, cache, aggregator=None, **sampler):
+    recipe = parse(
+        {
+            "prompt": "a red circle",
+            "method": "aggregate",
+            "experts": experts,
+            "aggregate": {"aggregator": aggregator},
+            "sampler": {"steps": 3, "guidance_scale": 3.0, "seed": 5, **sampler},
+        },
+        check=registry.check_reference,
+    )
+    return engine.generate(recipe, cache=cache)
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return registry.ModelCache()
+
+
+@pytest.fixture(scope="module")
+def trained_for_pair(tiny_sd1, tiny_sd1_other, tmp_path_factory):
+    """An aggregator bound to (tiny_sd1, tiny_sd1_other), with non-uniform weights."""
+    unets = [StableDiffusionPipeline.from_pretrained(p).unet for p in (tiny_sd1, tiny_sd1_other)]
+    aggregator = Aggregator.for_unets(unets, ["sd1", "sd1-other"], width=8, heads=2, groups=4)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for sabw in aggregator.points:
+            sabw.proj_out.bias.copy_(torch.randn(2, generator=gen))
+    folder = tmp_path_factory.mktemp("aggregator") / "pair"
+    aggregator.save_pretrained(folder)
+    return str(folder)
+
+
+def test_uniform_averaging_without_an_aggregator(tiny_sd1, tiny_sd1_other, cache):
+    result = aggregate([{"model": tiny_sd1}, {"model": tiny_sd1_other}], cache, num_images=2)
+    assert len(result.images) == 2 and result.images[0].size == (16, 16)
+    steps = result.trace[0]
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert set(steps[0]["aggregation"]) >= {"conv_in", "mid", "head"}
+    assert all(w == [0.5, 0.5] for s in steps for w in s["aggregation"].values())
+    again = aggregate([{"model": tiny_sd1}, {"model": tiny_sd1_other}], cache, num_images=2)
+    assert np.array_equal(np.asarray(result.images[1]), np.asarray(again.images[1]))
+
+
+def test_a_bound_aggregator_runs_and_changes_the_image(
+    tiny_sd1, tiny_sd1_other, trained_for_pair, cache
+):
+    experts = [{"model": tiny_sd1}, {"model": tiny_sd1_other}]
+    result = aggregate(experts, cache, aggregator=trained_for_pair)
+    weights = result.trace[0][0]["aggregation"]["mid"]
+    assert sum(weights) == pytest.approx(1, abs=1e-3) and abs(weights[0] - 0.5) > 0.01
+    uniform = aggregate(experts, cache)
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(uniform.images[0]))
+
+
+def test_aggregator_for_other_experts_is_refused(tiny_sd1, tiny_sd1_other, trained_for_pair, cache):
+    with pytest.raises(RecipeError, match=r"trained for sd1, sd1-other in that order; expert 1"):
+        aggregate([{"model": tiny_sd1_other}, {"model": tiny_sd1}], cache, trained_for_pair)
+
+
+def test_mismatched_architectures_and_loras_are_refused(tiny_sd1, tiny_sdxl, tiny_lora, cache):
+    with pytest.raises(RecipeError, match="different architectures: addition_embed_type"):
+        aggregate([{"model": tiny_sd1}, {"model": tiny_sdxl}], cache)
+    with pytest.raises(RecipeError, match="LoRAs on the experts of an aggregate"):
+        aggregate([{"model": tiny_sd1, "loras": [{"path": tiny_lora}]}, {"model": tiny_sd1}], cache)
+    with pytest.raises(RecipeError, match="unknown aggregator 'nope'"):
+        aggregate([{"model": tiny_sd1}, {"model": tiny_sd1}], cache, aggregator="nope")
