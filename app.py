@@ -381,20 +381,24 @@ GPU_SECONDS_PER_CALL = 0.1
 takes a few hundredths of a second on an H100-class GPU, and a ZeroGPU slice is part of one."""
 GPU_SECONDS_PER_MERGED_EXPERT = 10
 """Reading one expert's U-Net into a live merge (TIES' thresholds included)."""
+GPU_SECONDS_MAX = 300
+"""ZeroGPU refuses a larger ask outright ("illegal duration"); its maintainers give 5 minutes as
+the most a signed-in visitor may ask for, and the estimates above carry margin."""
 
 
 def gpu_seconds(recipe: Recipe, *_) -> int:
     """How long a ZeroGPU call for ``recipe`` asks to hold the GPU. ZeroGPU stops a call that
-    overruns its ask and queues longer asks behind shorter ones, so the ask follows the work:
-    U-Net calls (steps × experts × images) scaled by the pixel count (SDXL's 1024² where the
-    recipe leaves the size to the model), plus loading, plus the live merge for ``merge``."""
+    overruns its ask, refuses an ask larger than the visitor's remaining quota and queues longer
+    asks behind shorter ones, so the ask follows the work: U-Net calls (steps × experts × images)
+    scaled by the pixel count (SDXL's 1024² where the recipe leaves the size to the model), plus
+    loading, plus the live merge for ``merge``, up to ``GPU_SECONDS_MAX``."""
     s = recipe.sampler
     experts = len(recipe.experts) if recipe.method in ("superpose", "aggregate") else 1
     pixels = (s.width or 1024) * (s.height or 1024) / 512**2
     seconds = GPU_SECONDS_BASE + GPU_SECONDS_PER_CALL * s.steps * experts * s.num_images * pixels
     if recipe.method == "merge":
         seconds += GPU_SECONDS_PER_MERGED_EXPERT * len(recipe.experts)
-    return math.ceil(seconds)
+    return min(math.ceil(seconds), GPU_SECONDS_MAX)
 
 
 def on_gpu(fn):

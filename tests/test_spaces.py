@@ -62,6 +62,7 @@ def test_gpu_seconds_grow_with_steps_experts_and_images():
     assert seconds("aggregate", 2) == seconds("superpose", 2)
     assert seconds("merge", 3) == single + 3 * app.GPU_SECONDS_PER_MERGED_EXPERT
     assert seconds(width=512, height=512) < single  # the native size is assumed to be 1024²
+    assert seconds("superpose", 8, steps=150, num_images=16) == app.GPU_SECONDS_MAX
 
 
 def test_on_zerogpu_sampling_runs_inside_spaces_gpu_with_its_duration(tmp_path):
