@@ -950,8 +950,9 @@ def build() -> gr.Blocks:
                     shared_gallery = gr.Gallery(
                         label="Latest generations shared with “list it”; click one to open it",
                         format="png",
-                        columns=4,
+                        columns=6,
                         height="auto",
+                        object_fit="contain",
                         allow_preview=False,
                     )
                     shared_ids = gr.State([])

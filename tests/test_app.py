@@ -321,3 +321,30 @@ def test_a_link_that_cannot_be_opened_is_a_status_message(query, message, tmp_pa
     assert page[app.RESTORED + 1].startswith("This link cannot be opened: ")
     assert message in page[app.RESTORED + 1]
     assert page[-1] == gr.update(visible=False)
+
+
+def test_the_shared_panel_lists_listed_generations_newest_first_and_opens_them(
+    tmp_path, monkeypatch
+):
+    from io import BytesIO
+
+    monkeypatch.setenv("COMPOSER_DATA", str(tmp_path))
+    app.build()
+
+    def saved(prompt: str, listed: bool) -> tuple[str, bytes]:
+        buf = BytesIO()
+        Image.new("RGB", (8, 8), (len(prompt), 0, 0)).save(buf, format="PNG")
+        text = json.dumps({"prompt": prompt, "experts": [{"model": "toy-warm"}]})
+        return Store().save(text, [buf.getvalue()], listed=listed), buf.getvalue()
+
+    first, _ = saved("a red circle", listed=True)
+    saved("not listed", listed=False)
+    last, last_png = saved("a blue square", listed=True)
+    items, ids = app.list_shared()
+    assert ids == [last, first]
+    assert [caption for _, caption in items] == ["single: a blue square", "single: a red circle"]
+    assert Path(items[0][0]).read_bytes() == last_png
+
+    page = app.open_shared(ids, SimpleNamespace(index=1))
+    assert parse(app.recipe_dict(*page[: len(app.CONTROLS)])).prompt == "a red circle"
+    assert first in page[app.RESTORED + 1]
