@@ -159,6 +159,7 @@ def test_a_recipe_link_sets_the_controls_in_a_fresh_browser(browser, base_url):
         ("recipe=" + "A" * 4001, "the value has 4001 characters; at most 4000"),
         ("recipe=eNqrVg", "cut short"),
     ],
+    ids=["path-like id", "unknown id", "recipe too long", "recipe cut short"],
 )
 def test_a_link_that_cannot_be_opened_says_why_on_the_page(browser, base_url, query, message):
     context, page = fresh_page(browser)
