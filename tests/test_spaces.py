@@ -158,3 +158,13 @@ def test_the_app_started_as_on_a_space_generates_on_cpu_and_links_to_the_space(t
     prefix = "https://huggingface.co/spaces/someone/diffusion-composer?id="
     assert link.startswith(prefix)
     assert Store(tmp_path).open(link.removeprefix(prefix)).recipe == parse(TOY)
+
+
+def test_preload_puts_every_bundled_model_in_the_cache(monkeypatch):
+    from composer import registry
+
+    cache = registry.ModelCache()
+    monkeypatch.setattr(registry, "CACHE", cache)
+    app.preload()
+    models = registry.bundled("models")
+    assert models and all(str(folder) in cache for folder in models.values())

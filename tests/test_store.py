@@ -196,3 +196,14 @@ def test_data_dir_is_the_variable_then_a_spaces_disk_then_a_local_folder(tmp_pat
     monkeypatch.setenv("COMPOSER_DATA", str(tmp_path / "mine"))
     assert store.data_dir() == tmp_path / "mine"
     assert Store().root == tmp_path / "mine"
+
+
+def test_a_taken_id_draws_another_and_never_overwrites_an_entry(shares, monkeypatch):
+    drawn = iter(["A" * 12, "A" * 12, "B" * 12] + ["A" * 12] * 5)
+    monkeypatch.setattr(store.secrets, "token_urlsafe", lambda n: next(drawn))
+    assert shares.save(RECIPE, [png(1)]) == "A" * 12
+    assert shares.save(RECIPE, [png(2)]) == "B" * 12
+    with pytest.raises(StoreError, match="could not draw a free id"):
+        shares.save(RECIPE, [png(3)])
+    assert shares.open("A" * 12).pngs == (png(1),) and shares.open("B" * 12).pngs == (png(2),)
+    assert list(shares.staging.iterdir()) == []
