@@ -49,6 +49,9 @@ class Result:
     device: str = ""
     merge_seconds: float | None = None
     """``merge``: seconds spent merging weights (0.0 when the live merge was reused)."""
+    maps: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    """``aggregate``: per image, per aggregation point, each expert's weight at every pixel of
+    that point's features averaged over the steps, (N, h, w)."""
 
 
 IMPLEMENTED = ("single", "superpose", "merge", "aggregate")
@@ -399,10 +402,16 @@ def _sample_aggregate(
             callback_on_step_end=record,
             return_maps=True,
         )
+        image_maps = {}
         for name, maps in zip(out.point_names, out.maps, strict=True):
             weights = maps[:, 0].float().mean(dim=(2, 3))  # (steps, N): mean weight per expert
             for k, row in enumerate(weights.tolist()):
                 steps[k].setdefault("aggregation", {})[name] = [round(w, 4) for w in row]
+            image_maps[name] = maps[:, 0].float().mean(dim=0)
+        all_maps.append(image_maps)
         return out.images[0], steps
 
-    return _each_image(recipe, sources, str(ensemble.device), progress, cancel, sample)
+    all_maps: list[dict[str, torch.Tensor]] = []
+    result = _each_image(recipe, sources, str(ensemble.device), progress, cancel, sample)
+    result.maps = all_maps
+    return result

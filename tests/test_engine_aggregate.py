@@ -61,6 +61,12 @@ def test_a_bound_aggregator_runs_and_changes_the_image(
     result = aggregate(experts, cache, aggregator=trained_for_pair)
     weights = result.trace[0][0]["aggregation"]["mid"]
     assert sum(weights) == pytest.approx(1, abs=1e-3) and abs(weights[0] - 0.5) > 0.01
+    maps = result.maps[0]
+    assert maps["conv_in"].shape == (2, 8, 8) and maps["head"].shape == (2, 8, 8)
+    assert maps["mid"].shape[0] == 2 and maps["mid"].shape[1:] == (4, 4)
+    torch.testing.assert_close(maps["mid"].sum(0), torch.ones(4, 4), atol=2e-3, rtol=0)
+    mean_over_steps = np.mean([s["aggregation"]["mid"][0] for s in result.trace[0]])
+    assert float(maps["mid"][0].mean()) == pytest.approx(mean_over_steps, abs=2e-3)
     uniform = aggregate(experts, cache)
     assert not np.array_equal(np.asarray(result.images[0]), np.asarray(uniform.images[0]))
 
