@@ -54,9 +54,6 @@ class Result:
     that point's features averaged over the steps, (N, h, w)."""
 
 
-IMPLEMENTED = ("single", "superpose", "merge", "aggregate")
-
-
 def generate(
     recipe: Recipe,
     progress: Progress | None = None,
@@ -65,10 +62,6 @@ def generate(
 ) -> Result:
     """Run ``recipe``. Raises ``RecipeError`` for what the user must change and ``Cancelled``
     when ``cancel`` is set."""
-    if recipe.method not in IMPLEMENTED:
-        raise RecipeError(
-            f"method: {recipe.method!r} is not available yet; available: " + ", ".join(IMPLEMENTED)
-        )
     cache = cache or registry.CACHE
     sources, loras = _resolve(recipe)
     base = None

@@ -151,18 +151,6 @@ def test_cancel_stops_the_request(tiny_sd1, cache):
     assert len(info.value.images) == 1
 
 
-def test_methods_not_yet_available_are_refused_with_a_message(tiny_sd1):
-    recipe = parse(
-        {
-            "prompt": "a",
-            "method": "aggregate",
-            "experts": [{"model": tiny_sd1}, {"model": tiny_sd1}],
-        }
-    )
-    with pytest.raises(RecipeError, match="not available yet"):
-        engine.generate(recipe)
-
-
 def test_lora_for_another_architecture_is_a_recipe_error(tiny_sdxl, tiny_lora, cache):
     with pytest.raises(RecipeError, match="could not be applied"):
         run(tiny_sdxl, [(tiny_lora, 1.0)], cache=cache)

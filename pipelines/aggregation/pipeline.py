@@ -281,8 +281,9 @@ class AggregationPipeline(DiffusionPipeline):
         r"""Generate ``num_images_per_prompt`` images of ``prompt`` with the AFA ensemble.
 
         ``prompt`` is one str for every expert, or one per expert (each expert's U-Net then
-        cross-attends to its own prompt; the aggregators see the mean embedding). The arguments are those of ``StableDiffusionPipeline`` (the scheduler is
-        ``pipe.scheduler``; swap it as usual). ``return_maps=True`` also returns, per aggregation
+        cross-attends to its own prompt; the aggregators see the mean embedding). The other
+        arguments are those of ``StableDiffusionPipeline`` (the scheduler is ``pipe.scheduler``;
+        swap it as usual). ``return_maps=True`` also returns, per aggregation
         point, each expert's weight at every pixel and step (``AggregationPipelineOutput.maps``).
         Setting ``pipe._interrupt = True`` in a callback stops after that step.
         """
