@@ -51,8 +51,6 @@ log = logging.getLogger("composer.app")
 LORA_SLOTS = 3
 PAGE_EXPERTS = 4
 """Expert rows on the Superpose tab; recipes with more experts run from the Recipe panel."""
-PAGE_METHODS = ("single", "superpose", "merge")
-"""Methods the controls can express; any method the engine runs works from the Recipe panel."""
 SUPERPOSE_MODES = [
     ("OR: either expert (mixture)", "or"),
     ("AND: both at once (equal densities)", "and"),
@@ -67,6 +65,22 @@ _CANCEL: dict[str, threading.Event] = {}
 def default_model() -> str:
     models = registry.bundled("models")
     return registry.DEFAULT_MODEL if registry.DEFAULT_MODEL in models else next(iter(models), "")
+
+
+def default_aggregator() -> str:
+    """The Aggregate tab's first aggregator: the bundled one, else none (uniform averaging)."""
+    return next(iter(registry.bundled("aggregators")), "")
+
+
+def aggregator_experts(reference: str) -> list[str]:
+    """The experts an aggregator was trained for, in order (``[]`` for none or unknown)."""
+    if not reference:
+        return []
+    try:
+        config = Path(registry.resolve_aggregator(reference)) / "config.json"
+        return list(json.loads(config.read_text()).get("expert_names", []))
+    except (RecipeError, OSError, ValueError):
+        return []
 
 
 def default_experts() -> list[str]:
@@ -121,6 +135,9 @@ def control_names() -> list[str]:
         *MERGE_FIELDS,
         "merge_shown",
         *(f"merge{k}.{f}" for k in range(PAGE_EXPERTS) for f in ("model", "weight")),
+        "aggregate.aggregator",
+        "aggregate_shown",
+        *(f"aggregate{k}.model" for k in range(PAGE_EXPERTS)),
         *SAMPLER_FIELDS,
     ]
 
@@ -183,6 +200,12 @@ def recipe_dict(*values) -> dict:
             "trim_scope": c["merge.trim_scope"],
             "consensus_of": c["merge.consensus_of"],
         }
+    elif method == "aggregate":
+        recipe["experts"] = [
+            {"model": c[f"aggregate{k}.model"], "loras": [], "prompt": None, "weight": 1.0}
+            for k in range(int(c["aggregate_shown"]))
+        ]
+        recipe["aggregate"] = {"aggregator": c["aggregate.aggregator"] or None}
     elif method == "superpose":
         rows = range(int(c["shown"]))
         recipe["experts"] = [
@@ -236,6 +259,10 @@ def fits_page(recipe) -> bool:
         )
     if recipe.method == "single":
         return len(recipe.experts[0].loras) <= LORA_SLOTS
+    if recipe.method == "aggregate":
+        return len(recipe.experts) <= PAGE_EXPERTS and not any(
+            e.loras or e.prompt is not None or e.weight != 1.0 for e in recipe.experts
+        )
     if recipe.method == "superpose":
         return len(recipe.experts) <= PAGE_EXPERTS and all(
             len(e.loras) <= 1 for e in recipe.experts
@@ -281,6 +308,9 @@ def control_values(recipe, current: dict | None = None) -> list:
     )
     for k, model in enumerate(default_experts()):
         c.update({f"merge{k}.model": model, f"merge{k}.weight": 1.0})
+    c.update({"aggregate.aggregator": default_aggregator(), "aggregate_shown": 2})
+    for k, model in enumerate(default_experts()):
+        c[f"aggregate{k}.model"] = model
     c.update(current or {})
     s = recipe.sampler
     c.update(
@@ -315,6 +345,12 @@ def control_values(recipe, current: dict | None = None) -> list:
         )
         for k, expert in enumerate(recipe.experts):
             c.update({f"merge{k}.model": expert.model, f"merge{k}.weight": expert.weight})
+    elif recipe.method == "aggregate":
+        settings = recipe.aggregate
+        c["aggregate.aggregator"] = settings.aggregator if settings and settings.aggregator else ""
+        c["aggregate_shown"] = len(recipe.experts)
+        for k, expert in enumerate(recipe.experts):
+            c[f"aggregate{k}.model"] = expert.model
     elif recipe.method == "superpose":
         settings = recipe.superpose
         bias = settings.bias if settings and settings.bias else None
@@ -471,6 +507,9 @@ def run_recipe(recipe_json: str, progress=gr.Progress(), request: gr.Request = N
     if recipe.method == "superpose" and result.trace:
         kappas = {"labels": expert_labels(recipe), "traces": result.trace, "seeds": result.seeds}
         plot = kappa_plot(kappas, 0)
+    if recipe.method == "aggregate" and result.maps:
+        kappas = {"labels": expert_labels(recipe), "maps": result.maps, "paths": paths,
+                  "seeds": result.seeds}  # fmt: skip
     last = {"recipe": recipe.to_json(indent=None), "paths": paths}
     return gallery_items(paths, recipe), recipe.to_json(), status, kappas, plot, last
 
@@ -606,7 +645,7 @@ def open_shared(ids: list[str], evt: gr.SelectData):
 
 
 def kappa_plot(kappas: dict | None, index: int):
-    if not kappas or not 0 <= index < len(kappas["traces"]):
+    if not kappas or "traces" not in kappas or not 0 <= index < len(kappas["traces"]):
         return gr.update(visible=False, value=None)
     return gr.update(
         visible=True,
@@ -616,7 +655,42 @@ def kappa_plot(kappas: dict | None, index: int):
 
 
 def select_image(kappas: dict | None, evt: gr.SelectData):
-    return kappa_plot(kappas, evt.index if isinstance(evt.index, int) else 0)
+    index = evt.index if isinstance(evt.index, int) else 0
+    return kappa_plot(kappas, index), maps_picture(kappas, index)
+
+
+MAP_POINTS = 4
+"""Aggregation points pictured beside an image: the first block, the mid block, the last up
+block and the output head (from fine to coarse to fine)."""
+
+
+def maps_picture(kappas: dict | None, index: int = 0):
+    """An AFA image beside the maps of where each expert was trusted (expert 1 red, 2 blue,
+    3 green, 4 yellow; averaged over the steps); hidden for other methods."""
+    from PIL import Image
+
+    from composer.maps import expert_share, side_by_side
+
+    if not kappas or "maps" not in kappas or not 0 <= index < len(kappas["maps"]):
+        return gr.update(visible=False, value=None)
+    maps = kappas["maps"][index]
+    names = list(maps)
+    shown = [names[1], "mid", names[-2], names[-1]] if len(names) >= MAP_POINTS else names
+    with Image.open(kappas["paths"][index]) as image:
+        scale = max(1, 256 // max(image.size))
+        big = image.convert("RGB").resize(
+            (image.width * scale, image.height * scale), Image.Resampling.NEAREST
+        )
+    shares = ", ".join(
+        f"{label.split(' ·')[0]} {share:.0%}"
+        for label, share in zip(kappas["labels"], expert_share(maps["mid"]), strict=False)
+    )
+    return gr.update(
+        visible=True,
+        value=side_by_side(big, maps, shown),
+        label=f"Image {index + 1} and where each expert was trusted at {', '.join(shown)} "
+        f"(red: expert 1, blue: 2, green: 3, yellow: 4); mid block: {shares}",
+    )
 
 
 def run_controls(*values, progress=gr.Progress(), request: gr.Request = None):
@@ -630,7 +704,8 @@ def stop(request: gr.Request):
 
 
 def restore(recipe, current: list | None = None) -> list:
-    """Updates for ``[*CONTROLS, recipe_box, tabs, *expert rows]`` showing ``recipe``. A recipe
+    """Updates for ``[*CONTROLS, recipe_box, tabs, *expert rows of Superpose, Merge and
+    Aggregate]`` showing ``recipe``. A recipe
     the controls cannot show (another method, more experts or LoRAs than the page has rows for)
     goes to the Recipe panel only, from where it can be run as it is."""
     if not fits_page(recipe):
@@ -642,18 +717,20 @@ def restore(recipe, current: list | None = None) -> list:
         return (
             [gr.update()] * len(CONTROLS)
             + [recipe.to_json(), gr.update()]
-            + [gr.update()] * (2 * PAGE_EXPERTS)
+            + [gr.update()] * (3 * PAGE_EXPERTS)
         )
     names = control_names()
     values = control_values(recipe, dict(zip(names, current, strict=True)) if current else None)
     shown = values[names.index("shown")]
     merge_shown = values[names.index("merge_shown")]
+    aggregate_shown = values[names.index("aggregate_shown")]
     return [
         *values,
         recipe.to_json(),
         gr.update(selected=recipe.method),
         *(gr.update(visible=k < shown) for k in range(PAGE_EXPERTS)),
         *(gr.update(visible=k < merge_shown) for k in range(PAGE_EXPERTS)),
+        *(gr.update(visible=k < aggregate_shown) for k in range(PAGE_EXPERTS)),
     ]
 
 
@@ -710,15 +787,28 @@ def change_rows(shown: int, delta: int):
 # --- layout -------------------------------------------------------------------------------------
 
 
+def choose_aggregator(reference: str, shown: int):
+    """Picking an aggregator puts the experts it was trained for into the rows, in order."""
+    experts = aggregator_experts(reference)
+    if not 2 <= len(experts) <= PAGE_EXPERTS:
+        return [shown, *[gr.update()] * (2 * PAGE_EXPERTS)]
+    return [
+        len(experts),
+        *(gr.update(visible=k < len(experts)) for k in range(PAGE_EXPERTS)),
+        *(gr.update(value=experts[k]) if k < len(experts) else gr.update()
+          for k in range(PAGE_EXPERTS)),
+    ]  # fmt: skip
+
+
 def expert_dropdown(models: list[str], value: str, k: int) -> gr.Dropdown:
-    """Expert k's model picker on the Superpose and Merge tabs."""
+    """Expert k's model picker on the Superpose, Merge and Aggregate tabs."""
     return gr.Dropdown(
         models, value=value, allow_custom_value=True, label=f"Expert {k + 1}", scale=3
     )
 
 
 CONTROLS: list = []
-RESTORED = len(control_names()) + 2 + 2 * PAGE_EXPERTS
+RESTORED = len(control_names()) + 2 + 3 * PAGE_EXPERTS
 """How many outputs ``restore`` updates: the controls, the recipe box, the tabs, the rows."""
 
 
@@ -734,6 +824,7 @@ def build() -> gr.Blocks:
         method = gr.State("single")
         shown = gr.State(2)
         merge_shown = gr.State(2)
+        aggregate_shown = gr.State(2)
         exact_bias = gr.State(None)
         kappas = gr.State(None)
         last = gr.State(None)
@@ -875,6 +966,36 @@ def build() -> gr.Blocks:
                         with gr.Row():
                             export_button = gr.Button("Export .safetensors", size="sm")
                             exported = gr.File(label="Merged checkpoint", height=60)
+                    with gr.Tab("Aggregate", id="aggregate") as tab_aggregate:
+                        gr.Markdown(
+                            "AFA (Wang et al., ICLR 2025): the experts' U-Nets run side by side "
+                            "and, after every block, a trained **aggregator** decides per pixel "
+                            "which expert's features to trust. Experts need the same "
+                            "architecture; an aggregator works only for the experts it was "
+                            "trained for, in that order (picking one fills them in). Without "
+                            "one the features are averaged."
+                        )
+                        aggregator = gr.Dropdown(
+                            [
+                                ("none: uniform feature averaging", ""),
+                                *registry.bundled("aggregators"),
+                            ],
+                            value=default_aggregator(),
+                            allow_custom_value=True,
+                            label="Aggregator",
+                            info="A bundled aggregator or a folder made by training one",
+                        )
+                        aggregate_rows, aggregate_controls = [], []
+                        first = aggregator_experts(default_aggregator()) or starts
+                        for k in range(PAGE_EXPERTS):
+                            with gr.Row(visible=k < 2) as row:
+                                aggregate_controls.append(
+                                    expert_dropdown(models, (first + starts)[k], k)
+                                )
+                            aggregate_rows.append(row)
+                        with gr.Row():
+                            aggregate_add = gr.Button("Add expert", size="sm")
+                            aggregate_remove = gr.Button("Remove expert", size="sm")
                 prompt = gr.Textbox("a red circle", label="Prompt", lines=2)
                 negative = gr.Textbox("", label="Negative prompt")
                 with gr.Row():
@@ -933,6 +1054,9 @@ def build() -> gr.Blocks:
                     visible=False,
                     height=300,
                 )
+                maps_view = gr.Image(
+                    label="Aggregation maps", visible=False, format="png", interactive=False
+                )
                 dropped = gr.Image(
                     type="pil",
                     label="Drop a PNG made here to restore its recipe",
@@ -977,6 +1101,9 @@ def build() -> gr.Blocks:
             block_weights,
             merge_shown,
             *merge_controls,
+            aggregator,
+            aggregate_shown,
+            *aggregate_controls,
             prompt,
             negative,
             scheduler,
@@ -988,12 +1115,14 @@ def build() -> gr.Blocks:
             count,
         ]
         assert len(CONTROLS) == len(control_names())
-        restored = [*CONTROLS, recipe_box, tabs, *rows, *merge_rows]
+        restored = [*CONTROLS, recipe_box, tabs, *rows, *merge_rows, *aggregate_rows]
         outputs = [gallery, recipe_box, status, kappas, plot, last]
         job = go.click(run_controls, CONTROLS, outputs, api_visibility="undocumented")
         job_json = run_json.click(run_recipe, [recipe_box], outputs, api_name="generate")
         job_rerun = rerun.click(run_recipe, [rerun_recipe], outputs, api_visibility="undocumented")
         halt.click(stop, None, None, cancels=[job, job_json, job_rerun], queue=False)
+        for event in (job, job_json, job_rerun):
+            event.then(maps_picture, [kappas], maps_view, api_visibility="private")
         share_button.click(share, [last, listed], [link, stateless_link], api_name="share").success(
             lambda: gr.update(visible=True), None, links, queue=False, api_visibility="private"
         )
@@ -1006,10 +1135,29 @@ def build() -> gr.Blocks:
             list_shared, None, [shared_gallery, shared_ids], api_visibility="undocumented"
         )
         shared_gallery.select(open_shared, [shared_ids], opened, api_visibility="undocumented")
-        gallery.select(select_image, [kappas], plot, queue=False)
+        gallery.select(select_image, [kappas], [plot, maps_view], queue=False)
         tab_single.select(lambda: "single", None, method, queue=False)
         tab_superpose.select(lambda: "superpose", None, method, queue=False)
         tab_merge.select(lambda: "merge", None, method, queue=False)
+        tab_aggregate.select(lambda: "aggregate", None, method, queue=False)
+        aggregator.input(
+            choose_aggregator,
+            [aggregator, aggregate_shown],
+            [aggregate_shown, *aggregate_rows, *aggregate_controls],
+            queue=False,
+        )
+        aggregate_add.click(
+            lambda n: change_rows(n, +1),
+            aggregate_shown,
+            [aggregate_shown, *aggregate_rows],
+            queue=False,
+        )
+        aggregate_remove.click(
+            lambda n: change_rows(n, -1),
+            aggregate_shown,
+            [aggregate_shown, *aggregate_rows],
+            queue=False,
+        )
         merge_add.click(
             lambda n: change_rows(n, +1), merge_shown, [merge_shown, *merge_rows], queue=False
         )

@@ -90,6 +90,37 @@ def test_superpose_controls_and_recipe_convert_both_ways(
     assert parse(app.recipe_dict(*values)) == recipe  # the exact bias survives the round trip
 
 
+@pytest.mark.parametrize("aggregator", [None, "toy-warm-cool"])
+def test_aggregate_controls_and_recipe_convert_both_ways(tiny_sd1, tiny_sd1_other, aggregator):
+    app.build()
+    recipe = parse(
+        {
+            "prompt": "a red circle and a blue square",
+            "method": "aggregate",
+            "experts": [{"model": tiny_sd1}, {"model": tiny_sd1_other}, {"model": tiny_sd1}],
+            "aggregate": {"aggregator": aggregator},
+            "sampler": {"steps": 7, "seed": 2, "width": 64, "height": 32},
+        }
+    )
+    values = app.control_values(recipe)
+    named = dict(zip(app.control_names(), values, strict=True))
+    assert named["method"] == "aggregate" and named["aggregate_shown"] == 3
+    assert named["aggregate2.model"] == tiny_sd1
+    assert parse(app.recipe_dict(*values)) == recipe
+    per_expert_prompt = parse({**recipe.to_dict(), "experts": [
+        {"model": tiny_sd1, "prompt": "x"}, {"model": tiny_sd1_other}]})  # fmt: skip
+    assert not app.fits_page(per_expert_prompt)
+
+
+def test_choosing_the_bundled_aggregator_fills_in_its_experts():
+    shown, *updates = app.choose_aggregator("toy-warm-cool", 3)
+    assert shown == 2
+    rows, models = updates[: app.PAGE_EXPERTS], updates[app.PAGE_EXPERTS :]
+    assert [r["visible"] for r in rows] == [True, True, False, False]
+    assert [m.get("value") for m in models[:2]] == ["toy-warm", "toy-cool"]
+    assert app.choose_aggregator("", 3)[0] == 3  # none: the rows stay as they are
+
+
 def test_target_shares_are_the_exponentiated_bias():
     assert app.shares_of([0.0, math.log(3)]) == [1.0, 3.0]
     assert app.shares_of([2.0, 2.0]) == [1.0, 1.0]
@@ -154,6 +185,24 @@ def test_bad_request_is_an_error_message_and_the_server_stays_up(served, tiny_sd
         served.predict(recipe_json("nothing-here"), api_name="/generate")
     gallery, *_ = served.predict(recipe_json(tiny_sd1, num_images=1), api_name="/generate")
     assert len(gallery) == 1
+
+
+def test_aggregate_generation_shows_the_maps_beside_the_image(tiny_sd1, tiny_sd1_other):
+    recipe = {
+        "prompt": "a red circle",
+        "method": "aggregate",
+        "experts": [{"model": tiny_sd1}, {"model": tiny_sd1_other}],
+        "sampler": {"steps": 2, "num_images": 2},
+    }
+    gallery, _, status, kappas, plot, _ = app.run_recipe(json.dumps(recipe))
+    assert len(gallery) == 2 and "2 image(s)" in status
+    assert plot["visible"] is False
+    view = app.maps_picture(kappas, 1)
+    assert view["visible"] is True and "mid block" in view["label"] and "50%" in view["label"]
+    picture = view["value"]
+    image_side = 256  # 16-pixel images are shown 16× larger
+    assert picture.size == (5 * image_side + 4 * 2, image_side)
+    assert app.maps_picture(None)["visible"] is False
 
 
 def test_superpose_endpoint_returns_kappa_per_step_for_the_plot(served, tiny_sd1):
