@@ -82,12 +82,19 @@ def write_card(out: Path, stats: dict) -> None:
         f"- Data: {stats['singles']} one-object images (half red/yellow, half green/blue shapes, "
         f"32×32) and {stats['scenes']} two-object scenes (64×32, one warm and one cool object)",
         f"- Aggregator: {json.dumps(stats['config'])}, {stats['parameters']:,} parameters",
-        f"- Steps: {stats['step']} of batch {stats['batch']}, AdamW lr {stats['lr']}, "
+        f"- Steps: {stats['step']} of batch {stats['batch']}, AdamW lr "
+        + ", ".join(f"{r['lr']} from step {r['from_step']}" for r in stats["runs"])
+        + ", "
         f"min-SNR-γ {MIN_SNR_GAMMA}, offset noise {OFFSET_NOISE}, 10 % caption drop",
         f"- Time: {stats['seconds'] / 60:.1f} min on {stats['device']}",
-        f"- Final loss (mean of the last 100 steps): one object {stats['loss_single']:.4f}, "
+        f"- Final loss (mean of the last 50 steps of each kind): one object "
+        f"{stats['loss_single']:.4f}, "
         f"scenes {stats['loss_scene']:.4f}",
     ]
+    if stats["step"] < stats["steps"]:
+        lines.append(
+            f"- Stopped at step {stats['step']} of {stats['steps']}; the same command resumes"
+        )
     if "results" in stats:
         lines += ["", "## Measured", "", *stats["results"]]
     (out / "README.md").write_text("\n".join(lines) + "\n")
@@ -142,7 +149,7 @@ def train(out: Path, assets: Path, steps: int, batch: int, lr: float, singles: i
     rng = np.random.default_rng(seed + state.get("step", 0))
     losses: dict[str, list[float]] = {"single": [], "scene": []}
     start, elapsed = time.time(), state.get("seconds", 0.0)
-    step = state.get("step", 0)
+    step = first_step = state.get("step", 0)
 
     def save() -> dict:
         record = {
@@ -153,6 +160,7 @@ def train(out: Path, assets: Path, steps: int, batch: int, lr: float, singles: i
             "steps": steps,
             "batch": batch,
             "lr": lr,
+            "runs": [*state.get("runs", []), {"from_step": first_step, "lr": lr}],
             "singles": singles,
             "scenes": scenes,
             "seed": seed,
