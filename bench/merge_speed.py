@@ -1,18 +1,30 @@
 """Merge speed and memory (issue 5): live re-merge, streamed export, and a plain baseline.
 
-    python -m bench.merge_speed [--arch sd15|sdxl|toy] [--keep DIR]
+    python -m bench.merge_speed [--arch toy|sd15|sdxl] [--repeats 3] [--keep DIR] [--cases ...]
 
-The benchmark makes its own checkpoints: three random fp16 U-Nets of the architecture's shape
-(two experts and a base, diffusers folders with a shared toy VAE/text encoder, so nothing is
-downloaded), then measures on this machine's device:
+The benchmark makes its own checkpoints: three random fp16 U-Nets of the architecture's shape,
+``base`` and two experts ``a`` and ``b`` (the base plus independent noise, so they have task
+vectors), written tensor by tensor as diffusers folders whose VAE and text encoder are the toy
+zoo's (nothing is downloaded; the U-Net is what a merge computes, the rest is copied). Then, on
+this machine's device, each timing ``--repeats`` times, reporting the median:
 
-- ``live_ties_s`` / ``live_weighted_sum_s``: the live merge into the scratch U-Net with the
-  sources already loaded (what moving a slider and generating again costs);
-- ``export_*_s`` and ``export_*_peak_anon_mib``: ``composer.merge.export`` for a 2-model
-  weighted sum and a 3-model TIES, with the peak anonymous (non-file-backed) RSS sampled every
-  10 ms — the memory-mapped inputs are page cache, not anonymous memory;
-- ``baseline_*``: the plain loop other tools run (load every state dict fully, merge, save with
-  ``safetensors.torch.save_file``), same inputs, for the ratio.
+- ``live``: the live merge into the scratch U-Net with the sources already loaded (the first
+  merge also builds the scratch U-Net and is reported apart as ``first_s``; every later one
+  changes a weight, so it is a new merge: what moving a slider and generating again costs);
+- ``export``: ``composer.merge.export`` to fp16 (the first run warms the page cache and is not
+  timed; each timed run hashes its inputs for ``__metadata__`` as every CLI export does);
+- ``baseline``: the plain loop other tools run (load every state dict fully, merge, save with
+  ``safetensors.torch.save_file``), same inputs, for the ratios.
+
+Each of these runs in a fresh process, whose ``peak_anon_mib`` is its peak anonymous
+(non-file-backed) RSS above the level after the imports, sampled every 10 ms from
+/proc/self/status: memory-mapped inputs are page cache, not anonymous memory, and a fresh process
+cannot reuse heap that an earlier measurement freed.
+
+Two cases: a 2-model weighted sum (inputs a, b) and a 3-model TIES (experts a, b over base,
+density 0.2). A measurement whose estimated memory does not fit in this machine's available RAM
+is skipped and says so. The load average is recorded before and after each case: other jobs
+share the CPU. ``--cases`` measures some cases again and keeps the others of the results file.
 
 Targets on a lent H100 (issue 5): TIES of an SD1.5 U-Net in VRAM ≤ 1 s; live re-merge < 200 ms;
 SDXL 2-model export ≤ 8 s with < 1 GB anonymous RAM from a warm page cache.
@@ -22,10 +34,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,26 +53,47 @@ from safetensors.torch import load_file, save_file
 from bench.single import RESULTS, device_name
 from composer import registry
 from composer.merge import methods
-from composer.merge.export import export
+from composer.merge.export import StreamingWriter, export
 from composer.merge.live import merged_unet
 from composer.recipe import Merge, parse
 
-ARCHS = {
-    "sd15": {"cross_attention_dim": 768, "block_out_channels": (320, 640, 1280, 1280)},
-    "sdxl": {
-        "sample_size": 128,
-        "block_out_channels": (320, 640, 1280),
-        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        "transformer_layers_per_block": (1, 2, 10),
-        "attention_head_dim": (5, 10, 20),
-        "cross_attention_dim": 2048,
-        "use_linear_projection": True,
-        "addition_embed_type": "text_time",
-        "addition_time_embed_dim": 256,
-        "projection_class_embeddings_input_dim": 2816,
-    },
+SD15 = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "cross_attention_dim": 768,
+    "transformer_layers_per_block": 1,
+    "use_linear_projection": False,
 }
+SDXL = {
+    **SD15,
+    "sample_size": 128,
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+NOISE = 0.01
+"""Task-vector scale: each expert is the base plus this much standard normal noise."""
+
+
+def unet_config(arch: str) -> dict:
+    toy = registry.bundled("models")["toy-base"]
+    config = dict(UNet2DConditionModel.load_config(toy / "unet"))
+    config.update({"sd15": SD15, "sdxl": SDXL}.get(arch, {}))
+    return config
 
 
 def anon_mib() -> float:
@@ -62,6 +101,17 @@ def anon_mib() -> float:
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _meminfo(field: str) -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def available_mib() -> float:
+    return _meminfo("MemAvailable")
 
 
 class PeakAnon:
@@ -84,55 +134,34 @@ class PeakAnon:
 
 
 def make_models(arch: str, folder: Path) -> list[str]:
-    """Three diffusers folders (``base``, ``a``, ``b``) with random fp16 U-Nets of ``arch``; a and
-    b are the base plus independent noise (task vectors), VAE/text encoder from the toy zoo."""
+    """Folders ``base``, ``a``, ``b``: random fp16 U-Nets of ``arch``, θ_a = θ_base + ε·N(0, 1)
+    (likewise b), written one tensor at a time (an SDXL U-Net in fp32 would not fit in RAM
+    three times); the VAE and text encoder are copied from the toy zoo."""
     toy = registry.bundled("models")["toy-base"]
-    if arch == "toy":
-        config = dict(UNet2DConditionModel.load_config(toy / "unet"))
-    else:
-        config = dict(UNet2DConditionModel.load_config(toy / "unet"))
-        config.update(
-            {
-                "sample_size": 64,
-                "in_channels": 4,
-                "out_channels": 4,
-                "layers_per_block": 2,
-                "down_block_types": (
-                    "CrossAttnDownBlock2D",
-                    "CrossAttnDownBlock2D",
-                    "CrossAttnDownBlock2D",
-                    "DownBlock2D",
-                ),
-                "up_block_types": (
-                    "UpBlock2D",
-                    "CrossAttnUpBlock2D",
-                    "CrossAttnUpBlock2D",
-                    "CrossAttnUpBlock2D",
-                ),
-                "attention_head_dim": 8,
-                "norm_num_groups": 32,
-                "transformer_layers_per_block": 1,
-            }
-        )
-        config.update(ARCHS[arch])
-    torch.manual_seed(0)
-    base = UNet2DConditionModel.from_config(config).half()
-    names = []
-    for name, noise in (("base", 0.0), ("a", 0.01), ("b", 0.01)):
+    with torch.device("meta"):
+        meta = UNet2DConditionModel.from_config(unet_config(arch))
+    shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    entries = [(k, torch.float16, s) for k, s in shapes.items()]
+    names = ("base", "a", "b")
+    writers = []
+    for name in names:
         out = folder / name
-        shutil.copytree(toy, out, symlinks=False, ignore=shutil.ignore_patterns("unet"))
-        unet = base
-        if noise:
-            unet = UNet2DConditionModel.from_config(config).half()
-            unet.load_state_dict(
-                {k: v + noise * torch.randn_like(v) for k, v in base.state_dict().items()}
-            )
-        unet.save_pretrained(out / "unet")
-        names.append(str(out))
-    return names
+        shutil.copytree(toy, out, ignore=shutil.ignore_patterns("unet"))
+        meta.save_config(out / "unet")
+        path = out / "unet" / "diffusion_pytorch_model.safetensors"
+        writers.append(StreamingWriter(path, entries, {"format": "pt"}))
+    gen = torch.Generator().manual_seed(0)
+    for key, shape in shapes.items():
+        base = 0.02 * torch.randn(shape, generator=gen)
+        for name, writer in zip(names, writers, strict=True):
+            noise = NOISE * torch.randn(shape, generator=gen) if name != "base" else 0.0
+            writer.write(key, (base + noise).half())
+    for writer in writers:
+        writer.close()
+    return [str(folder / n) for n in names]
 
 
-def timed(fn) -> float:
+def timed(fn: Callable[[], object]) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -142,85 +171,214 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def median_of(seconds: list[float]) -> dict:
+    return {"s": round(statistics.median(seconds), 3), "s_runs": [round(s, 3) for s in seconds]}
+
+
+def fits(need_mib: float) -> str | None:
+    """None when ``need_mib`` fits in 80 % of the available RAM, else why it is skipped."""
+    have = available_mib()
+    if need_mib <= 0.8 * have:
+        return None
+    return f"skipped: needs about {need_mib / 1024:.1f} GiB, {have / 1024:.1f} GiB available"
+
+
+CASES = {
+    "weighted_sum_2": (Merge("weighted_sum"), False),
+    "ties_3": (Merge("ties", base="base", density=0.2), True),
+}
+
+
+def model_paths(folder: Path) -> dict[str, str]:
+    return {n: str(folder / n) for n in ("base", "a", "b")}
+
+
+def live_case(folder: Path, label: str, repeats: int) -> dict:
+    """Live merges with the sources loaded as the registry loads them (fp16 on CUDA, fp32 on the
+    CPU): the first builds the scratch U-Net, each later one changes a weight (a new merge)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    settings, with_base = CASES[label]
+    unets = {
+        n: UNet2DConditionModel.from_pretrained(p, subfolder="unet", torch_dtype=dtype).to(device)
+        for n, p in model_paths(folder).items()
+        if with_base or n != "base"
+    }
+    base = ("base", unets["base"]) if with_base else None
+    times = []
+    for i in range(repeats + 1):
+        experts = [("a", unets["a"], 1.0), ("b", unets["b"], 1.0 + 0.01 * i)]
+        with merged_unet(settings, experts, base) as merged:
+            times.append(merged.seconds)
+    return {"first_s": round(times[0], 3), **median_of(times[1:])}
+
+
+def export_recipe(folder: Path, label: str) -> dict:
+    settings, with_base = CASES[label]
+    paths = model_paths(folder)
+    merge = {"method": settings.method}
+    if with_base:
+        merge |= {"base": paths["base"], "density": settings.density}
+    return {
+        "prompt": "",
+        "method": "merge",
+        "experts": [{"model": paths["a"]}, {"model": paths["b"]}],
+        "merge": merge,
+    }
+
+
+def export_case(folder: Path, label: str, repeats: int) -> dict:
+    """``composer.merge.export`` to fp16; the first run warms the page cache and is not timed.
+    Each timed run hashes its inputs again (sha256 for ``__metadata__``), as every CLI export
+    does; ``hash_s`` is that part alone."""
+    parsed = parse(export_recipe(folder, label))
+    target = folder / f"{label}.safetensors"
+    export(parsed, target, "fp16")
+
+    def run() -> None:
+        registry._HASHES.clear()
+        export(parsed, target, "fp16")
+
+    seconds = [timed(run) for _ in range(repeats)]
+    target.unlink()
+    registry._HASHES.clear()
+    files = [
+        Path(p) / "unet" / "diffusion_pytorch_model.safetensors"
+        for p in model_paths(folder).values()
+    ]
+    used = files if CASES[label][1] else files[1:]
+    hashing = timed(lambda: [registry.file_sha256(f) for f in used])
+    return {**median_of(seconds), "hash_s": round(hashing, 3)}
+
+
+def baseline(folder: Path, settings: Merge, out: Path) -> None:
+    """Load every input's U-Net state dict fully, merge in fp32 per tensor, save in fp16."""
+    paths = model_paths(folder)
+    states = [load_file(f"{paths[n]}/unet/diffusion_pytorch_model.safetensors") for n in "ab"]
+    if settings.method == "ties":
+        base = load_file(f"{paths['base']}/unet/diffusion_pytorch_model.safetensors")
+        merged = {
+            k: methods.ties(base[k].float(), [s[k].float() for s in states], 0.2).half()
+            for k in states[0]
+        }
+    else:
+        merged = {k: methods.weighted_sum([s[k].float() for s in states]).half() for k in states[0]}
+    save_file(merged, str(out))
+
+
+def baseline_case(folder: Path, label: str, repeats: int) -> dict:
+    target = folder / f"{label}.baseline.safetensors"
+    seconds = [timed(lambda: baseline(folder, CASES[label][0], target)) for _ in range(repeats)]
+    target.unlink()
+    return median_of(seconds)
+
+
+KINDS = {"live": live_case, "export": export_case, "baseline": baseline_case}
+
+
+def child(kind: str, label: str, folder: Path, repeats: int) -> dict:
+    """One measurement in a fresh process, so that its peak anonymous RSS (above the level after
+    the imports, over the whole run) is its own and not memory an earlier one left in the heap."""
+    with PeakAnon() as peak:
+        result = KINDS[kind](folder, label, repeats)
+    return {**result, "peak_anon_mib": round(peak.peak, 1)}
+
+
+def run_child(kind: str, label: str, folder: Path, repeats: int, need_mib: float) -> dict | str:
+    skipped = fits(need_mib)
+    if skipped:
+        return skipped
+    command = [sys.executable, "-m", "bench.merge_speed", "--child", kind, "--case", label]
+    command += ["--keep", str(folder), "--repeats", str(repeats)]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        return f"failed: {done.stderr.strip().splitlines()[-1:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_case(folder: Path, label: str, unet_mib: float, repeats: int) -> dict:
+    """One case live, exported and by the baseline loop, with the ratios export / baseline.
+    Memory estimates for the skip test: live holds every source and the scratch U-Net (fp32 on
+    the CPU, twice the fp16 file); the baseline every input and the merged state dict."""
+    fp32 = 1 if torch.cuda.is_available() else 2
+    n_inputs = 3 if CASES[label][1] else 2
+    row = {
+        "recipe": export_recipe(Path("."), label),
+        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+    }
+    row["live"] = run_child("live", label, folder, repeats, (n_inputs + 1) * fp32 * unet_mib)
+    row["export"] = run_child("export", label, folder, repeats, unet_mib)
+    row["baseline"] = run_child("baseline", label, folder, repeats, (n_inputs + 1) * unet_mib)
+    if isinstance(row["export"], dict) and isinstance(row["baseline"], dict):
+        row["export_over_baseline"] = {
+            key: round(row["export"][key] / row["baseline"][key], 3)
+            if row["baseline"][key]
+            else None
+            for key in ("s", "peak_anon_mib")
+        }
+    row["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.merge_speed")
     parser.add_argument("--arch", choices=["toy", "sd15", "sdxl"], default="sd15")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", type=Path, help="make the models here (and keep them)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=sorted(CASES),
+        default=sorted(CASES),
+        help="measure these again; the other cases of an earlier results file are kept",
+    )
+    parser.add_argument("--child", choices=sorted(KINDS), help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     registry.quiet_libraries()
+    if args.child:
+        print(json.dumps(child(args.child, args.case, args.keep, args.repeats)))
+        return
     folder = args.keep or Path(tempfile.mkdtemp(prefix="merge-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
-    base, a, b = (
-        [str(folder / n) for n in ("base", "a", "b")]
-        if (folder / "b" / "unet").is_dir()
-        else make_models(args.arch, folder)
-    )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    result = {"benchmark": "merge speed", "device": device_name(), "arch": args.arch}
-
-    unets = {
-        n: UNet2DConditionModel.from_pretrained(p, subfolder="unet", torch_dtype=dtype).to(device)
-        for n, p in (("base", base), ("a", a), ("b", b))
+    load_before = os.getloadavg()
+    start = time.time()
+    if not (folder / "b" / "unet").is_dir():
+        make_models(args.arch, folder)
+    unet_file = folder / "a" / "unet" / "diffusion_pytorch_model.safetensors"
+    unet_mib = unet_file.stat().st_size / 2**20
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config(args.arch))
+    result = {
+        "benchmark": "merge speed and memory (issue 5)",
+        "device": device_name(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "arch": args.arch,
+        "unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
+        "unet_fp16_mib": round(unet_mib, 1),
+        "not_in_inputs": "VAE and text encoder are the toy zoo's (a few MB), copied, not merged",
+        "repeats": args.repeats,
+        "mem_total_mib": round(_meminfo("MemTotal"), 0),
+        "mem_available_mib_at_start": round(available_mib(), 0),
+        "loadavg_before": [round(x, 2) for x in load_before],
     }
-    result["unet_params_m"] = round(sum(p.numel() for p in unets["a"].parameters()) / 1e6, 1)
-    for label, settings, with_base in (
-        ("weighted_sum", Merge("weighted_sum"), False),
-        ("ties", Merge("ties", base="base", density=0.2), True),
-    ):
-        times = []
-        for i in range(4):  # the first also builds the scratch U-Net; each weight is a new merge
-            experts = [("a", unets["a"], 1.0), ("b", unets["b"], 1.0 + 0.01 * i)]
-            with merged_unet(
-                settings, experts, ("base", unets["base"]) if with_base else None
-            ) as live:
-                times.append(live.seconds)
-        result[f"live_{label}_s"] = round(min(times[1:]), 4)
-    del unets
-
-    for label, recipe in (
-        (
-            "weighted_sum_2",
-            {"experts": [{"model": a}, {"model": b}], "merge": {"method": "weighted_sum"}},
-        ),
-        (
-            "ties_3",
-            {
-                "experts": [{"model": a}, {"model": b}, {"model": base}],
-                "merge": {"method": "ties", "base": base, "density": 0.2},
-            },
-        ),
-    ):
-        parsed = parse({"prompt": "", "method": "merge", **recipe})
-        out = folder / f"{label}.safetensors"
-        export(parsed, out, "fp16")  # warm the page cache
-        with PeakAnon() as peak:
-            seconds = timed(lambda parsed=parsed, out=out: export(parsed, out, "fp16"))
-        result[f"export_{label}_s"] = round(seconds, 3)
-        result[f"export_{label}_peak_anon_mib"] = round(peak.peak, 1)
-
-        def baseline(recipe=recipe, out=out):
-            paths = [m["model"] for m in recipe["experts"]]
-            states = [load_file(f"{p}/unet/diffusion_pytorch_model.safetensors") for p in paths]
-            if recipe["merge"]["method"] == "ties":
-                base_sd = load_file(f"{base}/unet/diffusion_pytorch_model.safetensors")
-                merged = {
-                    k: methods.ties(base_sd[k].float(), [s[k].float() for s in states], 0.2).half()
-                    for k in states[0]
-                }
-            else:
-                merged = {
-                    k: methods.weighted_sum([s[k].float() for s in states]).half()
-                    for k in states[0]
-                }
-            save_file(merged, str(out) + ".baseline")
-
-        with PeakAnon() as peak:
-            seconds = timed(baseline)
-        result[f"baseline_{label}_s"] = round(seconds, 3)
-        result[f"baseline_{label}_peak_anon_mib"] = round(peak.peak, 1)
+    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    path = RESULTS / f"merge-speed-{args.arch}-{kind}.json"
+    earlier = json.loads(path.read_text())["cases"] if path.is_file() else {}
+    cases = {k: v for k, v in earlier.items() if k in CASES and k not in args.cases}
+    for label in args.cases:
+        cases[label] = measure_case(folder, label, unet_mib, args.repeats)
+    result["cases"] = {k: cases[k] for k in CASES if k in cases}
+    result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    result["minutes"] = round((time.time() - start) / 60, 1)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"merge-speed-{args.arch}-{device}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     if not args.keep:

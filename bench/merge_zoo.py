@@ -7,6 +7,12 @@ Writes ``bench/results/merge-zoo-<device>.json``: for "a red circle" (toy-warm's
 toy-cool over toy-base by weighted average, task arithmetic, TIES and DARE-TIES, with the exact
 recipes; issue 5's target is that TIES keeps ≥ 90 % of each expert's own accuracy. Also the
 purple and star LoRAs merged (exact sum, ``composer lora merge``) on toy-base: "a purple star".
+
+    python -m bench.merge_zoo --sweep [--seeds 16]
+
+Instead writes ``bench/results/merge-zoo-sweep-<device>.json``: TIES and DARE-TIES of toy-warm and
+toy-cool over toy-base for every density in ``DENSITIES`` × λ in ``LAMBDAS``, each prompt's
+accuracy and its share of the expert's own, and whether any setting keeps ≥ 90 % on both.
 """
 
 from __future__ import annotations
@@ -54,12 +60,76 @@ def accuracy(recipe: dict, color: str, shape: str, seeds: int, cache) -> dict:
     }
 
 
+DENSITIES = (0.1, 0.2, 0.5)
+LAMBDAS = (0.5, 1.0, 1.5)
+
+
+def sweep(seeds: int, cache) -> dict:
+    """Accuracy of TIES and DARE-TIES over the density × λ grid, per prompt and relative to the
+    expert alone; ``reaches_90_percent`` lists the settings that keep ≥ 90 % on both prompts."""
+    experts = {}
+    for prompt, (color, shape, own) in PROMPTS.items():
+        recipe = {"prompt": prompt, "experts": [{"model": own}], "sampler": dict(DEFAULT_SAMPLER)}
+        experts[prompt] = accuracy(recipe, color, shape, seeds, cache)["accuracy"]
+    rows = []
+    for method in ("ties", "dare_ties"):
+        for density in DENSITIES:
+            for lam in LAMBDAS:
+                merge = {"method": method, "base": "toy-base", "density": density, "lambda": lam}
+                row = {"merge": merge, "prompts": {}}
+                for prompt, (color, shape, _) in PROMPTS.items():
+                    recipe = {
+                        "prompt": prompt,
+                        "method": "merge",
+                        "experts": EXPERTS,
+                        "merge": merge,
+                        "sampler": dict(DEFAULT_SAMPLER),
+                    }
+                    result = accuracy(recipe, color, shape, seeds, cache)
+                    row["prompts"][prompt] = {
+                        "accuracy": result["accuracy"],
+                        "relative_to_expert": result["accuracy"] / experts[prompt],
+                        "pairs": result["pairs"],
+                    }
+                shares = [r["relative_to_expert"] for r in row["prompts"].values()]
+                row["min_relative_to_expert"] = min(shares)
+                rows.append(row)
+                print(
+                    f"{method:<9} density {density:<4} λ {lam:<4} "
+                    + "  ".join(f"{k!r} {v['accuracy']:.0%}" for k, v in row["prompts"].items()),
+                    flush=True,
+                )
+    return {
+        "experts_alone": experts,
+        "settings": rows,
+        "reaches_90_percent": [r["merge"] for r in rows if r["min_relative_to_expert"] >= 0.9],
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.merge_zoo")
     parser.add_argument("--seeds", type=int, default=64)
+    parser.add_argument("--sweep", action="store_true", help="TIES/DARE-TIES density × λ grid")
     args = parser.parse_args(argv)
     registry.quiet_libraries()
     cache = registry.ModelCache()
+    if args.sweep:
+        start = time.time()
+        out = {
+            "benchmark": "TIES / DARE-TIES density × λ sweep on the toy zoo (issue 5)",
+            "device": device_name(),
+            "sampler": DEFAULT_SAMPLER,
+            "seeds": args.seeds,
+            "experts": EXPERTS,
+            **sweep(args.seeds, cache),
+            "minutes": round((time.time() - start) / 60, 1),
+        }
+        RESULTS.mkdir(exist_ok=True)
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+        path = RESULTS / f"merge-zoo-sweep-{kind}.json"
+        path.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {path}")
+        return
     start = time.time()
     rows = []
     for prompt, (color, shape, own) in PROMPTS.items():

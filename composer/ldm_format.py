@@ -224,6 +224,8 @@ def text_layout(names: Iterable[str], prefix: str, open_clip: bool = False) -> l
         return [Entry(prefix + inner, (key,)) for inner, key in by_inner.items()]
     out = []
     for inner, key in by_inner.items():
+        if inner.endswith(".position_ids"):
+            continue  # a buffer older transformers saved; OpenCLIP has none
         if inner in _OPEN_CLIP_FIXED:
             name, op = _OPEN_CLIP_FIXED[inner]
             out.append(Entry(prefix + name, (key,), op))

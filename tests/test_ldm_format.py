@@ -160,3 +160,26 @@ def test_single_file_without_configs_offline_says_what_to_do(tiny_sd1, tmp_path,
         registry.resolve_model(str(path)), torch.device("cpu"), torch.float32
     )
     assert registry.architecture(pipe) == "sd1"
+
+
+def test_open_clip_layout_fuses_qkv_and_drops_position_ids():
+    from composer.ldm_format import text_layout
+
+    layer = "text_model.encoder.layers.0."
+    names = [
+        "text_model.embeddings.position_ids",
+        *(f"{layer}self_attn.{p}_proj.{leaf}" for p in "kqv" for leaf in ("weight", "bias")),
+        f"{layer}mlp.fc1.weight",
+        "text_projection.weight",
+    ]
+    entries = {e.name: e for e in text_layout(names, "m.", open_clip=True)}
+    assert set(entries) == {
+        "m.transformer.resblocks.0.attn.in_proj_weight",
+        "m.transformer.resblocks.0.attn.in_proj_bias",
+        "m.transformer.resblocks.0.mlp.c_fc.weight",
+        "m.text_projection",
+    }
+    fused = entries["m.transformer.resblocks.0.attn.in_proj_weight"]
+    assert fused.op == "qkv"
+    assert fused.sources == tuple(f"{layer}self_attn.{p}_proj.weight" for p in "qkv")
+    assert entries["m.text_projection"].op == "t"

@@ -180,7 +180,13 @@ class ModelFiles:
         xl = (folder / "text_encoder_2").is_dir()
         for component, (prefix, open_clip) in ldm_format.text_prefixes(xl).items():
             files[component] = _open_all(folder / component, "model", stack, where)
-            layouts[component] = ldm_format.text_layout(files[component], prefix, open_clip)
+            try:
+                layouts[component] = ldm_format.text_layout(files[component], prefix, open_clip)
+            except KeyError as e:
+                raise RecipeError(
+                    f"{where}: {source.reference!r} has a {component} tensor that the single-file "
+                    f"layout has no name for ({e})"
+                ) from None
         self.parts = [
             Part(
                 entry.name,

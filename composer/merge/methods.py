@@ -33,13 +33,22 @@ def _weights(weights: Sequence[float] | None, n: int, like: Tensor) -> Tensor:
 
 def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
     r"""θ = Σᵢ wᵢθᵢ / Σᵢ wᵢ: AUTOMATIC1111's "weighted sum" ((1 − α)A + αB for weights 1 − α, α),
-    generalised to N models. Normalised, so identical models give that model for any weights."""
-    stacked = _stack(tensors)
-    w = _weights(weights, len(stacked), stacked[0])
-    total = float(w.sum())
+    generalised to N models. Normalised, so identical models give that model for any weights.
+
+    Accumulated term by term into one new tensor rather than over a stacked copy of the inputs:
+    the stacked form allocated six tensors' worth of temporaries per parameter, this form one,
+    which halves a CPU export's peak RAM and makes a CPU live merge ~5× faster
+    (``bench/merge_speed.py``)."""
+    w = [1.0] * len(tensors) if weights is None else [float(x) for x in weights]
+    if len(w) != len(tensors):
+        raise ValueError(f"{len(tensors)} experts but {len(w)} weights")
+    total = sum(w)
     if abs(total) < 1e-12:
         raise ValueError("weighted sum: the weights add up to 0")
-    return (w * stacked).sum(0) / total
+    out = tensors[0] * (w[0] / total)
+    for tensor, wi in zip(tensors[1:], w[1:], strict=True):
+        out.add_(tensor, alpha=wi / total)
+    return out
 
 
 def add_difference(a: Tensor, b: Tensor, c: Tensor, alpha: float = 1.0) -> Tensor:
