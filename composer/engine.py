@@ -168,12 +168,7 @@ def _sample_single(
     width, height = s.width or native_width, s.height or native_height
 
     def sample(seed: int, on_step):
-        steps: list[dict] = []
-
-        def record(p, step, timestep, kwargs):
-            steps.append({"step": step + 1, "timestep": float(timestep)})
-            return on_step(p, step, timestep, kwargs)
-
+        steps, record = _recorder(on_step)
         image = pipe(
             prompt=recipe.expert_prompt(0),
             negative_prompt=recipe.negative_prompt or None,
@@ -188,6 +183,18 @@ def _sample_single(
 
     sources = source if isinstance(source, list) else [source]
     return _each_image(recipe, sources, str(pipe.device), progress, cancel, sample)
+
+
+def _recorder(on_step):
+    """A fresh per-image trace and a ``callback_on_step_end`` that fills it, then calls
+    ``on_step`` (progress and cancel)."""
+    steps: list[dict] = []
+
+    def record(p, step, timestep, kwargs):
+        steps.append({"step": step + 1, "timestep": float(timestep)})
+        return on_step(p, step, timestep, kwargs)
+
+    return steps, record
 
 
 def _each_image(
@@ -378,12 +385,7 @@ def _sample_aggregate(
     prompts = [recipe.expert_prompt(i) for i in range(len(sources))]
 
     def sample(seed: int, on_step):
-        steps: list[dict] = []
-
-        def record(p, step, timestep, kwargs):
-            steps.append({"step": step + 1, "timestep": float(timestep)})
-            return on_step(p, step, timestep, kwargs)
-
+        steps, record = _recorder(on_step)
         out = ensemble(
             prompts,
             negative_prompt=recipe.negative_prompt or None,

@@ -35,6 +35,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from pipelines.aggregation.sabw import Aggregator, uniform_combine
 from pipelines.aggregation.walker import check_same_architecture, points, walk
+from pipelines.decoding import decode_latents
 
 
 @dataclass
@@ -244,18 +245,7 @@ class AggregationPipeline(DiffusionPipeline):
 
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
         """VAE decode (fp16 VAEs with ``force_upcast`` in fp32, as diffusers' SDXL pipeline)."""
-        if output_type == "latent":
-            return latents
-        upcast = self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast", False)
-        if upcast:
-            self.vae.to(dtype=torch.float32)
-        dtype = torch.float32 if upcast else self.vae.dtype
-        image = self.vae.decode(
-            latents.to(dtype) / self.vae.config.scaling_factor, return_dict=False
-        )[0]
-        if upcast:
-            self.vae.to(dtype=torch.float16)
-        return self.image_processor.postprocess(image, output_type=output_type)
+        return decode_latents(self.vae, self.image_processor, latents, output_type)
 
     @torch.no_grad()
     def __call__(

@@ -58,6 +58,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from pipelines.decoding import decode_latents
 from pipelines.superposition.sampler import sample_superposition
 
 PIPELINE_MODES = ("or", "and", "average", "joint")
@@ -491,18 +492,7 @@ class SuperpositionPipeline(DiffusionPipeline):
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
         """VAE decode (fp16 VAEs with ``force_upcast`` decode in fp32, as in diffusers' SDXL
         pipeline) and ``VaeImageProcessor`` postprocessing."""
-        if output_type == "latent":
-            return latents
-        upcast = self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast", False)
-        if upcast:
-            self.vae.to(dtype=torch.float32)
-        dtype = torch.float32 if upcast else self.vae.dtype
-        image = self.vae.decode(
-            latents.to(dtype) / self.vae.config.scaling_factor, return_dict=False
-        )[0]
-        if upcast:
-            self.vae.to(dtype=torch.float16)
-        return self.image_processor.postprocess(image, output_type=output_type)
+        return decode_latents(self.vae, self.image_processor, latents, output_type)
 
     @torch.no_grad()
     def __call__(
