@@ -20,22 +20,19 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import (
-    AutoencoderKL,
     DiffusionPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.image_processor import VaeImageProcessor
-from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from pipelines.aggregation.sabw import Aggregator, uniform_combine
 from pipelines.aggregation.walker import check_same_architecture, points, walk
-from pipelines.decoding import decode_latents
+from pipelines.ensemble import EnsemblePipeline, is_sdxl_unet
 
 
 @dataclass
@@ -60,11 +57,7 @@ class _Expert:
     """``None``: the pipeline's own text encoder(s)."""
 
 
-def _is_sdxl(unet: UNet2DConditionModel) -> bool:
-    return unet.config.get("addition_embed_type") == "text_time"
-
-
-class AggregationPipeline(DiffusionPipeline):
+class AggregationPipeline(EnsemblePipeline):
     r"""Text-to-image AFA ensemble of Stable Diffusion U-Nets.
 
     Components are those of a ``StableDiffusionPipeline`` (plus ``text_encoder_2`` and
@@ -74,37 +67,11 @@ class AggregationPipeline(DiffusionPipeline):
     feature averaging).
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
-    _optional_components: ClassVar[list[str]] = ["text_encoder_2", "tokenizer_2"]
     _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
 
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        scheduler: KarrasDiffusionSchedulers,
-        text_encoder_2: CLIPTextModelWithProjection | None = None,
-        tokenizer_2: CLIPTokenizer | None = None,
-        force_zeros_for_empty_prompt: bool = True,
-    ):
-        super().__init__()
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            text_encoder_2=text_encoder_2,
-            tokenizer_2=tokenizer_2,
-        )
-        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-        self.experts: list[_Expert] = [_Expert(unet)]
+    def _setup(self) -> None:
+        self.experts: list[_Expert] = [_Expert(self.unet)]
         self.aggregator: Aggregator | None = None
-        self._interrupt = False
 
     @classmethod
     def from_pipes(
@@ -118,24 +85,13 @@ class AggregationPipeline(DiffusionPipeline):
         Raises ValueError naming both experts when the architectures differ, or when
         ``aggregator`` was trained for other experts or another order.
         """
-        if not pipes:
-            raise ValueError("from_pipes needs at least one pipeline")
+        pipe = cls._around(pipes)
         names = list(names or [p.name_or_path or f"pipes[{i}]" for i, p in enumerate(pipes)])
         unets = [p.unet for p in pipes]
         check_same_architecture(unets, names)
         if aggregator is not None:
             aggregator.check_experts(unets, names)
         first = pipes[0]
-        pipe = cls(
-            vae=first.vae,
-            text_encoder=first.text_encoder,
-            tokenizer=first.tokenizer,
-            unet=first.unet,
-            scheduler=first.scheduler,
-            text_encoder_2=getattr(first, "text_encoder_2", None),
-            tokenizer_2=getattr(first, "tokenizer_2", None),
-            force_zeros_for_empty_prompt=first.config.get("force_zeros_for_empty_prompt", True),
-        )
         pipe.experts = [
             _Expert(
                 p.unet,
@@ -153,51 +109,15 @@ class AggregationPipeline(DiffusionPipeline):
     def unets(self) -> list[UNet2DConditionModel]:
         return [e.unet for e in self.experts]
 
-    def to(self, *args, **kwargs) -> AggregationPipeline:
-        """``DiffusionPipeline.to``, also moving the other experts and the aggregator."""
-        super().to(*args, **kwargs)
-        module_args = [a for a in args if isinstance(a, (str, torch.device, torch.dtype))]
-        module_kwargs = {k: v for k, v in kwargs.items() if k in ("device", "dtype")}
+    def _extra_modules(self) -> list[torch.nn.Module]:
         extra = [self.aggregator] if self.aggregator is not None else []
         for e in self.experts[1:]:
             extra += [m for m in (e.unet, e.text_encoder, e.text_encoder_2) if m is not None]
-        for module in extra:
-            module.to(*module_args, **module_kwargs)
-        return self
-
-    @property
-    def interrupt(self) -> bool:
-        return self._interrupt
-
-    def _encoder(self, expert: _Expert) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
-        """A diffusers pipeline over this expert's text encoder(s), to reuse ``encode_prompt``."""
-        text_encoder = expert.text_encoder or self.text_encoder
-        if _is_sdxl(self.unet):
-            return StableDiffusionXLPipeline(
-                vae=self.vae,
-                text_encoder=text_encoder,
-                text_encoder_2=expert.text_encoder_2 or self.text_encoder_2,
-                tokenizer=self.tokenizer,
-                tokenizer_2=self.tokenizer_2,
-                unet=expert.unet,
-                scheduler=self.scheduler,
-                force_zeros_for_empty_prompt=self.config.force_zeros_for_empty_prompt,
-                add_watermarker=False,
-            )
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=text_encoder,
-            tokenizer=self.tokenizer,
-            unet=expert.unet,
-            scheduler=self.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        return extra
 
     def _encode(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str | Sequence[str]],
         negative_prompt: str | None,
         batch: int,
         cfg: bool,
@@ -207,45 +127,57 @@ class AggregationPipeline(DiffusionPipeline):
     ) -> tuple[list[torch.Tensor], list[dict | None]]:
         """Per expert: its prompt's embeddings [negative (B)?, prompt (B)] and SDXL's added
         conditioning, each from the expert's own text encoder(s) (experts sharing the encoders
-        and the prompt share one encoding)."""
+        and the prompt share one encoding). An expert's prompt may be a list of ``batch``
+        captions (training) instead of one str repeated ``batch`` times."""
         texts, added, done = [], [], {}
         for expert, prompt in zip(self.experts, prompts, strict=True):
-            key = (id(expert.text_encoder), id(expert.text_encoder_2), prompt)
+            key = (id(expert.text_encoder), id(expert.text_encoder_2), str(prompt))
             if key not in done:
-                encoder = self._encoder(expert)
-                dtype = expert.unet.dtype
-                if _is_sdxl(self.unet):
-                    embeds, neg, pooled, neg_pooled = encoder.encode_prompt(
-                        prompt=prompt,
-                        device=device,
-                        num_images_per_prompt=batch,
-                        do_classifier_free_guidance=cfg,
-                        negative_prompt=negative_prompt,
-                    )
-                    projection_dim = int(pooled.shape[-1])
-                    time_ids = encoder._get_add_time_ids(
-                        (height, width), (0, 0), (height, width), embeds.dtype, projection_dim
-                    ).to(device)
-                    rows = 2 * batch if cfg else batch
-                    extra = {
-                        "text_embeds": torch.cat([neg_pooled, pooled] if cfg else [pooled]).to(
-                            dtype
-                        ),
-                        "time_ids": time_ids.repeat(rows, 1).to(dtype),
-                    }
-                else:
-                    embeds, neg = encoder.encode_prompt(
-                        prompt, device, batch, cfg, negative_prompt=negative_prompt
-                    )
-                    extra = None
-                done[key] = (torch.cat([neg, embeds] if cfg else [embeds]).to(dtype), extra)
+                done[key] = self._encode_one(
+                    expert, prompt, negative_prompt, batch, cfg, height, width, device
+                )
             texts.append(done[key][0])
             added.append(done[key][1])
         return texts, added
 
-    def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
-        """VAE decode (fp16 VAEs with ``force_upcast`` in fp32, as diffusers' SDXL pipeline)."""
-        return decode_latents(self.vae, self.image_processor, latents, output_type)
+    def _encode_one(self, expert, prompt, negative_prompt, batch, cfg, height, width, device):
+        encoder = self.encoder_view(expert.unet, expert.text_encoder, expert.text_encoder_2)
+        dtype = expert.unet.dtype
+        per_prompt = batch if isinstance(prompt, str) else 1
+        prompt = prompt if isinstance(prompt, str) else list(prompt)
+        if is_sdxl_unet(self.unet):
+            embeds, neg, pooled, neg_pooled = encoder.encode_prompt(
+                prompt=prompt,
+                device=device,
+                num_images_per_prompt=per_prompt,
+                do_classifier_free_guidance=cfg,
+                negative_prompt=negative_prompt,
+            )
+            projection_dim = int(pooled.shape[-1])
+            time_ids = encoder._get_add_time_ids(
+                (height, width), (0, 0), (height, width), embeds.dtype, projection_dim
+            ).to(device)
+            extra = {
+                "text_embeds": torch.cat([neg_pooled, pooled] if cfg else [pooled]).to(dtype),
+                "time_ids": time_ids.repeat(2 * batch if cfg else batch, 1).to(dtype),
+            }
+        else:
+            embeds, neg = encoder.encode_prompt(
+                prompt, device, per_prompt, cfg, negative_prompt=negative_prompt
+            )
+            extra = None
+        return torch.cat([neg, embeds] if cfg else [embeds]).to(dtype), extra
+
+    @torch.no_grad()
+    def encode_captions(
+        self, captions: Sequence[str], height: int, width: int
+    ) -> tuple[list[torch.Tensor], list[dict | None]]:
+        """What a training step feeds ``walker.walk``: per expert, the embeddings of one caption
+        per image (its own text encoder(s); no CFG branch) and SDXL's added conditioning for
+        ``height`` × ``width`` images (``None`` for SD 1.x/2.x)."""
+        batch = len(captions)
+        per_expert = [list(captions)] * len(self.experts)
+        return self._encode(per_expert, None, batch, False, height, width, self._execution_device)
 
     @torch.no_grad()
     def __call__(

@@ -42,13 +42,28 @@ def denoising_loss(
     timesteps: torch.Tensor,
     texts: Sequence[torch.Tensor],
     min_snr_gamma: float | None = None,
+    added_cond_kwargs: Sequence[dict | None] | None = None,
 ) -> torch.Tensor:
-    """ε-MSE of the aggregated prediction on x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε (ε-prediction experts)."""
+    """MSE of the aggregated prediction on x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε against what the experts
+    predict: ε, or v = √ᾱ_t·ε − √(1 − ᾱ_t)·x₀ for v-prediction experts (SD 2.x 768), as the
+    scheduler's ``prediction_type`` says. ``added_cond_kwargs``: SDXL's pooled text and time ids,
+    per expert.
+
+    min-SNR-γ (Hang et al. 2023, §3.3) weights ε-prediction by min(SNR, γ)/SNR and
+    v-prediction by min(SNR, γ)/(SNR + 1), so that both weight the x₀ error alike."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"experts predicting {kind!r} are not supported; epsilon or v_prediction")
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    predicted = predict_noise(aggregator, unets, noisy, timesteps, texts)
-    per_sample = (predicted.float() - noise.float()).pow(2).flatten(1).mean(1)
+    predicted = predict_noise(aggregator, unets, noisy, timesteps, texts, added_cond_kwargs)
+    per_sample = (predicted.float() - target.float()).pow(2).flatten(1).mean(1)
     if min_snr_gamma is not None:
         alphas = scheduler.alphas_cumprod.to(latents.device)[timesteps]
         snr = alphas / (1 - alphas)
-        per_sample = per_sample * torch.clamp(snr, max=min_snr_gamma) / snr
+        denominator = snr if kind == "epsilon" else snr + 1
+        per_sample = per_sample * torch.clamp(snr, max=min_snr_gamma) / denominator
     return per_sample.mean()

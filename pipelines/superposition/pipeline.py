@@ -35,7 +35,6 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import (
-    AutoencoderKL,
     DiffusionPipeline,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
@@ -43,22 +42,15 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders.lora_base import (
     disable_lora_for_text_encoder,
     enable_lora_for_text_encoder,
     set_adapters_for_text_encoder,
 )
-from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import (
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-)
 
-from pipelines.decoding import decode_latents
+from pipelines.ensemble import EnsemblePipeline, is_sdxl_unet
 from pipelines.superposition.sampler import sample_superposition
 
 PIPELINE_MODES = ("or", "and", "average", "joint")
@@ -112,11 +104,6 @@ class _UNetBatch:
     embeds: torch.Tensor
     added_cond_kwargs: dict[str, torch.Tensor] | None
     adapters: Adapters = None
-
-
-def is_sdxl_unet(unet: UNet2DConditionModel) -> bool:
-    """SDXL U-Nets take pooled text embeds and size ids (``addition_embed_type`` "text_time")."""
-    return unet.config.get("addition_embed_type") == "text_time"
 
 
 def _family(unet: UNet2DConditionModel) -> str:
@@ -174,7 +161,7 @@ def _to_epsilon(out: torch.Tensor, x_vp: torch.Tensor, sigma: float, prediction_
     )
 
 
-class SuperpositionPipeline(DiffusionPipeline):
+class SuperpositionPipeline(EnsemblePipeline):
     r"""Text-to-image superposition of Stable Diffusion experts (SuperDiff, Skreta et al. 2025).
 
     Components are those of a ``StableDiffusionPipeline`` (``vae``, ``text_encoder``,
@@ -188,36 +175,10 @@ class SuperpositionPipeline(DiffusionPipeline):
     is only valid for that sampler (the scheduler's own ``step`` is not used).
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
-    _optional_components: ClassVar[list[str]] = ["text_encoder_2", "tokenizer_2"]
     _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "denoised", "kappa", "log_density"]
 
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        scheduler: KarrasDiffusionSchedulers,
-        text_encoder_2: CLIPTextModelWithProjection | None = None,
-        tokenizer_2: CLIPTokenizer | None = None,
-        force_zeros_for_empty_prompt: bool = True,
-    ):
-        super().__init__()
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            text_encoder_2=text_encoder_2,
-            tokenizer_2=tokenizer_2,
-        )
-        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+    def _setup(self) -> None:
         self.extra_unets: list[UNet2DConditionModel] = []
-        self._interrupt = False
 
     @classmethod
     def from_pipes(
@@ -229,21 +190,9 @@ class SuperpositionPipeline(DiffusionPipeline):
         copies). Raises ValueError naming both pipes if one's latent space or noise schedule
         differs from the first's (``check_same_latent_space``).
         """
-        if not pipes:
-            raise ValueError("from_pipes needs at least one pipeline")
-        first = pipes[0]
+        pipe = cls._around(pipes)
         for i, other in enumerate(pipes[1:], start=1):
-            check_same_latent_space(first, other, i)
-        pipe = cls(
-            vae=first.vae,
-            text_encoder=first.text_encoder,
-            tokenizer=first.tokenizer,
-            unet=first.unet,
-            scheduler=first.scheduler,
-            text_encoder_2=getattr(first, "text_encoder_2", None),
-            tokenizer_2=getattr(first, "tokenizer_2", None),
-            force_zeros_for_empty_prompt=first.config.get("force_zeros_for_empty_prompt", True),
-        )
+            check_same_latent_space(pipes[0], other, i)
         for other in pipes[1:]:
             pipe.add_unet(other.unet)
         return pipe
@@ -263,43 +212,8 @@ class SuperpositionPipeline(DiffusionPipeline):
         self.extra_unets.append(unet)
         return len(self.extra_unets)
 
-    def to(self, *args, **kwargs) -> SuperpositionPipeline:
-        """``DiffusionPipeline.to``, also moving/casting ``extra_unets``."""
-        super().to(*args, **kwargs)
-        module_args = [a for a in args if isinstance(a, (str, torch.device, torch.dtype))]
-        module_kwargs = {k: v for k, v in kwargs.items() if k in ("device", "dtype")}
-        for unet in self.extra_unets:
-            unet.to(*module_args, **module_kwargs)
-        return self
-
-    @property
-    def interrupt(self) -> bool:
-        return self._interrupt
-
-    def _encoder_pipe(self) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
-        """A diffusers pipeline over the same modules, to reuse its ``encode_prompt``."""
-        if is_sdxl_unet(self.unet):
-            return StableDiffusionXLPipeline(
-                vae=self.vae,
-                text_encoder=self.text_encoder,
-                text_encoder_2=self.text_encoder_2,
-                tokenizer=self.tokenizer,
-                tokenizer_2=self.tokenizer_2,
-                unet=self.unet,
-                scheduler=self.scheduler,
-                force_zeros_for_empty_prompt=self.config.force_zeros_for_empty_prompt,
-                add_watermarker=False,
-            )
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=self.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    def _extra_modules(self) -> list[torch.nn.Module]:
+        return list(self.extra_unets)
 
     def _resolve_experts(
         self, prompt: str | list[str] | None, experts: Sequence[Expert] | None
@@ -404,7 +318,7 @@ class SuperpositionPipeline(DiffusionPipeline):
         members: dict[tuple[int, Adapters], list[int]] = {}
         for e, (unet, _, adapters) in enumerate(experts):
             members.setdefault((id(unet), adapters), []).append(e)
-        encoder = self._encoder_pipe()
+        encoder = self.encoder_view()
         groups = []
         for indices in members.values():
             unet, _, adapters = experts[indices[0]]
@@ -489,11 +403,6 @@ class SuperpositionPipeline(DiffusionPipeline):
 
         return denoise
 
-    def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
-        """VAE decode (fp16 VAEs with ``force_upcast`` decode in fp32, as in diffusers' SDXL
-        pipeline) and ``VaeImageProcessor`` postprocessing."""
-        return decode_latents(self.vae, self.image_processor, latents, output_type)
-
     @torch.no_grad()
     def __call__(
         self,
@@ -512,7 +421,7 @@ class SuperpositionPipeline(DiffusionPipeline):
         | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         mode: str = "or",
-        temperature: float = 1.0,
+        temperature: float | None = None,
         bias: torch.Tensor | Sequence[float] | None = None,
         experts: Sequence[Expert] | None = None,
         latents: torch.Tensor | None = None,
@@ -534,7 +443,16 @@ class SuperpositionPipeline(DiffusionPipeline):
                 softmax(bias): the paper's averaging baseline) or ``"joint"`` (the paper's other
                 baseline: one prompt, the experts' prompts joined with " and ", through the first
                 expert's U-Net with ordinary CFG, sampled with the same SDE; N = 1 in the trace).
-            temperature, bias: T and the per-expert log-weights of OR (bias also for average).
+            temperature: T of OR. ``None`` (the default) is the guidance scale w, so that OR
+                samples the mixture of the *guided* experts, what each draws alone at this CFG:
+                guided expert i follows the score ∇log q_u + w(∇log qᵢ − ∇log q_u), the score of
+                q_u^{1−w}·qᵢ^w, whose log differs between experts by w·(log qᵢ − log qⱼ); its
+                mixture weights are therefore softmax(w·L + b), not softmax(L + b). With T = 1
+                and w > 1 the weights stay too soft and OR drifts towards averaging: on two
+                mixture-of-Gaussian experts sharing one mode (tests/test_superposition_sampler.py)
+                w = 5 gives the shared mode 97 % of the time at T = 1 against 60 % at T = w (the
+                mixture's is 50 %). T = 1 with w = 1 is the paper's unguided OR.
+            bias: the per-expert log-weights of OR (and of average): b = log of target shares.
             experts: ``[(unet_index_or_module, prompt), …]``; the default is one expert per U-Net
                 of ``unets``. Two prompts on one model: ``[(0, "a red shape"), (0, "a circle")]``.
             latents: optional initial noise ε (B, C, h, w) of unit variance; it is scaled by σ₀.
@@ -637,7 +555,7 @@ class SuperpositionPipeline(DiffusionPipeline):
                     sigmas,
                     mode=sampler_mode,
                     guidance_scale=guidance_scale,
-                    temperature=temperature,
+                    temperature=guidance_scale if temperature is None else temperature,
                     bias=bias,
                     generator=generator,
                     callback=on_step,
