@@ -1,4 +1,5 @@
-"""The command line: ``python -m composer generate | merge | info | models`` (../shared/RECIPE.md).
+"""The command line: ``python -m composer generate | merge | lora | aggregate | info | models``
+(../shared/RECIPE.md).
 
 Every user mistake ends as one line on stderr and exit status 2, never a traceback.
 """
@@ -196,6 +197,11 @@ def _summary(card: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["aggregate"]:  # its own options: python -m composer.aggregate
+        from composer import aggregate
+
+        return aggregate.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m composer", description="Combine diffusion models from a recipe."
     )
@@ -246,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="print the recipe stored in a PNG")
     info.add_argument("image")
     info.set_defaults(run=_info)
+    sub.add_parser(
+        "aggregate", help="train an AFA aggregator: aggregate train --experts … (--help there)"
+    )
     models = sub.add_parser("models", help="list the bundled models, LoRAs and aggregators")
     models.add_argument("--json", action="store_true")
     models.set_defaults(run=_models)
