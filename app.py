@@ -129,6 +129,7 @@ def control_names() -> list[str]:
         *(f"lora{j}.{f}" for j in range(LORA_SLOTS) for f in ("path", "weight")),
         "mode",
         "temperature",
+        "temperature_cfg",
         "shown",
         *(f"expert{k}.{f}" for k in range(PAGE_EXPERTS) for f in ROW_FIELDS),
         "exact_bias",
@@ -222,7 +223,7 @@ def recipe_dict(*values) -> dict:
         shares = [c[f"expert{k}.share"] for k in rows]
         recipe["superpose"] = {
             "mode": c["mode"],
-            "temperature": c["temperature"],
+            "temperature": None if c["temperature_cfg"] else c["temperature"],
             "bias": bias_of(shares, c["exact_bias"]),
         }
     else:
@@ -278,6 +279,7 @@ def control_values(recipe, current: dict | None = None) -> list:
         model=default_model(),
         mode="or",
         temperature=1.0,
+        temperature_cfg=True,
         shown=2,
         exact_bias=None,
     )
@@ -357,7 +359,8 @@ def control_values(recipe, current: dict | None = None) -> list:
         shares = shares_of(bias) if bias else [1.0] * len(recipe.experts)
         c.update(
             mode=settings.mode if settings else "or",
-            temperature=settings.temperature if settings else 1.0,
+            temperature=settings.temperature if settings and settings.temperature else 1.0,
+            temperature_cfg=not (settings and settings.temperature),
             shown=len(recipe.experts),
             exact_bias=list(bias) if bias else None,
         )
@@ -868,8 +871,20 @@ def build() -> gr.Blocks:
                         )
                         with gr.Row():
                             mode = gr.Radio(SUPERPOSE_MODES, value="or", label="Mode", scale=3)
+                            temperature_cfg = gr.Checkbox(
+                                True,
+                                label="Temperature = CFG scale",
+                                info="OR of the experts as each draws at this CFG",
+                                scale=2,
+                            )
                             temperature = gr.Slider(
-                                0.1, 5, value=1.0, step=0.05, label="Temperature (OR)", scale=2
+                                0.1,
+                                20,
+                                value=1.0,
+                                step=0.05,
+                                label="Temperature (OR)",
+                                interactive=False,
+                                scale=2,
                             )
                         rows, row_controls = [], []
                         starts = default_experts()
@@ -1087,6 +1102,7 @@ def build() -> gr.Blocks:
             *lora_controls,
             mode,
             temperature,
+            temperature_cfg,
             shown,
             *row_controls,
             exact_bias,
@@ -1140,6 +1156,13 @@ def build() -> gr.Blocks:
         tab_superpose.select(lambda: "superpose", None, method, queue=False)
         tab_merge.select(lambda: "merge", None, method, queue=False)
         tab_aggregate.select(lambda: "aggregate", None, method, queue=False)
+        temperature_cfg.change(
+            lambda follows: gr.update(interactive=not follows),
+            temperature_cfg,
+            temperature,
+            queue=False,
+            api_visibility="private",
+        )
         aggregator.input(
             choose_aggregator,
             [aggregator, aggregate_shown],

@@ -9,7 +9,10 @@ counts, the measured rates and, where issue 6 sets one, the target range. The ca
   cool (green, blue) circles; with bias [0, log 3] a 1:3 mixture. The same two models averaged
   (fixed κ = ½) for comparison, and each model alone.
 - Two prompts on ``toy-warm``, "a red shape" and "a circle": AND should draw red circles, OR the
-  union (red squares and yellow circles too); the averaging and joint-prompt baselines beside them.
+  union (red squares and yellow circles too); the averaging and joint-prompt baselines beside them,
+  each prompt alone, and the mixture of the two alone (the mean of their rates: what OR aims at).
+  OR runs with the pipeline's default temperature, the guidance scale (``temperature: null``;
+  see ``SuperpositionPipeline.__call__``); the paper's T = 1 under CFG is reported beside it.
 - AND of two *different* models: ``toy-warm`` with "a red shape" and ``toy-base`` + ``toy-star``
   LoRA with "a star": red stars, which neither model draws alone (reported, no target).
 """
@@ -42,7 +45,7 @@ class Case:
     """rate name → (low, high) from issue 6."""
 
 
-def _superpose(mode, experts, prompt="a shape", bias=None, temperature=1.0) -> dict:
+def _superpose(mode, experts, prompt="a shape", bias=None, temperature=None) -> dict:
     return {
         "prompt": prompt,
         "method": "superpose",
@@ -111,8 +114,8 @@ CASES = (
     ),
     Case("or toy-warm 'a red shape' x 'a circle'", _superpose("or", RED_CIRCLE), PROMPT_RATES),
     Case(
-        "or T=10 toy-warm 'a red shape' x 'a circle'",
-        _superpose("or", RED_CIRCLE, temperature=10.0),
+        "or T=1 toy-warm 'a red shape' x 'a circle'",
+        _superpose("or", RED_CIRCLE, temperature=1.0),
         PROMPT_RATES,
     ),
     Case(
@@ -126,6 +129,8 @@ CASES = (
         PROMPT_RATES,
     ),
     Case("toy-warm alone 'a red circle'", _single("toy-warm", "a red circle"), PROMPT_RATES),
+    Case("toy-warm alone 'a red shape'", _single("toy-warm", "a red shape"), PROMPT_RATES),
+    Case("toy-warm alone 'a circle' (prompt rates)", _single("toy-warm", "a circle"), PROMPT_RATES),
     Case(
         "and toy-warm 'a red shape' x toy-base+toy-star 'a star'",
         _superpose("and", RED_STAR),
@@ -172,6 +177,13 @@ def main(argv: list[str] | None = None) -> None:
         rates = "  ".join(f"{k} {v:.0%}" for k, v in row["rates"].items())
         met = "".join(f"  [{k} {'ok' if ok else 'MISSED'}]" for k, ok in row["met"].items())
         print(f"{case.name:<58} {rates}{met}", flush=True)
+    prompts_alone = ("toy-warm alone 'a red shape'", "toy-warm alone 'a circle' (prompt")
+    alone = [r for r in rows if r["case"].startswith(prompts_alone)]
+    if len(alone) == 2:
+        mixture = {k: (alone[0]["rates"][k] + alone[1]["rates"][k]) / 2 for k in PROMPT_RATES}
+        name = "mixture of the two prompts alone (what OR aims at)"
+        rows.append({"case": name, "rates": mixture, "n": 2 * args.seeds})
+        print(f"{rows[-1]['case']:<58} " + "  ".join(f"{k} {v:.0%}" for k, v in mixture.items()))
     out = {
         "benchmark": "superposition on the toy zoo (issue 6)",
         "device": device_name(),

@@ -327,7 +327,7 @@ def _sample_superpose(
             height=height,
             width=width,
             mode=mode,
-            temperature=settings.temperature if settings else 1.0,
+            temperature=settings.temperature if settings else None,
             bias=list(settings.bias) if settings and settings.bias else None,
             callback_on_step_end=on_step,
         )

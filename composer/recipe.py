@@ -133,7 +133,8 @@ class Merge:
 @dataclass(frozen=True)
 class Superpose:
     mode: str = "or"
-    temperature: float = 1.0
+    temperature: float | None = None
+    """T of the OR softmax; ``None``: the guidance scale (OR of the guided experts)."""
     bias: tuple[float, ...] | None = None
 
 
@@ -332,7 +333,7 @@ def _superpose(obj: _Fields | None, n_experts: int) -> Superpose | None:
         return None
     superpose = Superpose(
         mode=obj.choice("mode", SUPERPOSE_MODES, default="or"),
-        temperature=obj.number("temperature", default=1.0, low=1e-3, high=100.0),
+        temperature=obj.number("temperature", default=None, low=1e-3, high=100.0, nullable=True),
         bias=obj.numbers("bias", default=None, low=-50.0, high=50.0, length=n_experts),
     )
     obj.done()
@@ -453,15 +454,20 @@ class _Fields:
             raise self._fail(key, value, f"a whole number from {low} to {high}")
         return value
 
-    def number(self, key: str, default: float, low: float, high: float) -> float:
+    def number(
+        self, key: str, default: float | None, low: float, high: float, nullable: bool = False
+    ) -> float | None:
         value = self._get(key, default, False)
+        if value is None and nullable:
+            return None
         if (
             isinstance(value, bool)
             or not isinstance(value, (int, float))
             or not math.isfinite(value)
             or not low <= value <= high
         ):
-            raise self._fail(key, value, f"a finite number from {low:g} to {high:g}")
+            accepted = f"a finite number from {low:g} to {high:g}"
+            raise self._fail(key, value, ("null or " if nullable else "") + accepted)
         return float(value)
 
     def numbers(

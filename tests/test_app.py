@@ -63,6 +63,7 @@ def test_controls_and_recipe_convert_both_ways(tiny_sd1, tiny_lora):
     [
         {"mode": "or", "temperature": 0.5, "bias": [0.0, math.log(3), 0.25]},
         {"mode": "and", "temperature": 1.0, "bias": None},
+        {"mode": "or", "temperature": None, "bias": None},  # follows the guidance scale
         {"mode": "joint", "temperature": 1.0, "bias": [0.3, -1.7, 2.0]},
     ],
 )
@@ -87,6 +88,7 @@ def test_superpose_controls_and_recipe_convert_both_ways(
     named = dict(zip(app.control_names(), values, strict=True))
     assert named["method"] == "superpose" and named["shown"] == 3
     assert named["expert1.prompt"] == "second" and named["expert0.prompt"] == ""
+    assert named["temperature_cfg"] is (superpose["temperature"] is None)
     assert parse(app.recipe_dict(*values)) == recipe  # the exact bias survives the round trip
 
 

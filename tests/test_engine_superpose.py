@@ -7,13 +7,13 @@ from composer import engine, registry
 from composer.recipe import RecipeError, parse
 
 
-def superpose(experts, cache, mode="or", **sampler):
+def superpose(experts, cache, mode="or", temperature=1.0, **sampler):
     recipe = parse(
         {
             "prompt": "a shape",
             "method": "superpose",
             "experts": experts,
-            "superpose": {"mode": mode, "temperature": 1.0, "bias": None},
+            "superpose": {"mode": mode, "temperature": temperature, "bias": None},
             "sampler": {"steps": 4, "guidance_scale": 3.0, "seed": 3, **sampler},
         },
         check=registry.check_reference,
@@ -117,3 +117,16 @@ def test_too_many_lora_variants_on_one_model_are_refused(tiny_sd1, tiny_lora, ca
     ]
     with pytest.raises(RecipeError, match="different LoRAs; at most 0 per model"):
         superpose(experts, cache)
+
+
+def test_temperature_null_is_the_guidance_scale(tiny_sd1, cache):
+    experts = [
+        {"model": tiny_sd1, "prompt": "a red shape"},
+        {"model": tiny_sd1, "prompt": "a circle"},
+    ]
+    follows = superpose(experts, cache, temperature=None)
+    explicit = superpose(experts, cache, temperature=3.0)  # the sampler's guidance_scale
+    assert follows.trace[0] == explicit.trace[0]
+    assert np.array_equal(np.asarray(follows.images[0]), np.asarray(explicit.images[0]))
+    unit = superpose(experts, cache, temperature=1.0)
+    assert unit.trace[0][-1]["kappa"] != follows.trace[0][-1]["kappa"]

@@ -82,6 +82,14 @@ def test_defaults_fill_a_minimal_recipe_and_absent_sections_stay_absent():
     assert out["experts"] == [{"model": "toy-warm", "loras": [], "prompt": None, "weight": 1.0}]
 
 
+def test_superpose_temperature_null_or_absent_means_the_guidance_scale():
+    assert parse(minimal(superpose={"mode": "or"})).superpose.temperature is None
+    null = parse(minimal(superpose={"temperature": None}))
+    assert null.superpose.temperature is None
+    assert json.loads(null.to_json())["superpose"]["temperature"] is None
+    assert parse(minimal(superpose={"temperature": 2})).superpose.temperature == 2.0
+
+
 def test_expert_prompt_falls_back_to_the_recipe_prompt():
     recipe = parse(FULL)
     assert recipe.expert_prompt(0) == "a red circle"
@@ -134,6 +142,11 @@ def test_expert_prompt_falls_back_to_the_recipe_prompt():
             "regular expression",
         ),
         (minimal(superpose={"bias": [0, 1]}), "superpose.bias", "a list of 1 finite numbers"),
+        (
+            minimal(superpose={"temperature": "hot"}),
+            "superpose.temperature",
+            "null or a finite number from 0.001 to 100",
+        ),
         (minimal(merge={"density": 1.5}), "merge.density", "from 0 to 1"),
         (minimal(merge={"method": "average"}), "merge.method", "weighted_sum"),
         (minimal(aggregate={"aggregator": 7}), "aggregate.aggregator", "a bundled name"),
