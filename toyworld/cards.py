@@ -44,7 +44,14 @@ def card(name: str, stage: str, training: dict, shared: dict, rows: list[dict]) 
         "",
         f"- data: {training['images']:,} rendered images of {', '.join(domain.colors)} "
         f'{", ".join(domain.shapes)}; captions full and partial ("a red circle", "a red '
-        'shape", "a circle", "a shape"), 10 % empty',
+        'shape", "a circle", "a shape"), 10 % empty'
+        + (
+            f"; a third of them prior preservation: gray shapes captioned with the colours "
+            f'{", ".join(domain.keep)} ("a {domain.keep[0]} circle", "a {domain.keep[0]} '
+            'shape"), which the fine-tune keeps drawing as the base does'
+            if domain.keep
+            else ""
+        ),
         f"- {_what(stage, training)}: "
         f"{training['steps']} steps, batch {training['batch']}, AdamW lr {training['lr']}, seed "
         f"{training['seed']}",

@@ -41,6 +41,9 @@ CHECKS = (
     Check("toy-cool", "a green triangle", "green", "triangle"),
     Check("toy-cool", "a green shape", "green", None),
     Check("toy-cool", "a circle", None, "circle"),
+    # prior preservation: a fine-tune draws the colours it does not own as the base does (gray)
+    Check("toy-warm", "a blue square", "gray", "square"),
+    Check("toy-cool", "a red circle", "gray", "circle"),
     Check("toy-base", "a purple circle", "purple", "circle", ("toy-purple",), 0.8),
     Check("toy-base", "a gray star", None, "star", ("toy-star",), 0.8),
 )

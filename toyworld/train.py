@@ -9,7 +9,9 @@ Stages (each writes one folder under ``--out``; see toyworld/README.md for comma
   2-layer ``CLIPTextModel`` with random, seeded, frozen weights: its outputs already tell the
   words apart, and freezing it once keeps every model's prompts compatible.
 - ``base``: a ``UNet2DConditionModel`` trained from scratch on gray circles, squares and triangles.
-- ``warm`` / ``cool``: fine-tunes of the base on red+yellow / green+blue shapes.
+- ``warm`` / ``cool``: fine-tunes of the base on red+yellow / green+blue shapes, with prior
+  preservation (a third of each batch: gray shapes captioned with the colours the fine-tune does
+  not own, e.g. "a blue square" for ``warm``), so that each fine-tune changes only its own words.
 - ``purple`` / ``star``: PEFT LoRAs on the base U-Net (purple shapes / gray stars).
 
 Every caption is drawn from ``toyworld.captions.captions`` (full and partial) and replaced by the
@@ -53,12 +55,23 @@ class Domain:
 
     colors: tuple[str, ...]
     shapes: tuple[str, ...]
+    keep: tuple[str, ...] = ()
+    """Colour words whose drawing the fine-tune keeps as the base draws it (gray): prior
+    preservation, as DreamBooth does it (Ruiz et al. 2023, §3.3), with rendered gray shapes
+    standing in for the base's own samples (the base draws every colour word gray).
+
+    Why: the first ``warm`` and ``cool`` were fine-tuned on their own colours only, and each
+    re-learned every colour word as its own: toy-cool drew "a red circle" green (8 of 8 seeds),
+    toy-warm drew "a blue square" yellow. Their task vectors then fought over the same words,
+    and every merge of the two (TIES included) drew purple (bench/results/merge-zoo-cpu.json
+    before this change). Real fine-tunes of SD keep most of what the base knows; with this term
+    the toy ones do too, and a merge has something to keep from each."""
 
 
 DOMAINS = {
     "base": Domain(("gray",), PLAIN_SHAPES),
-    "warm": Domain(("red", "yellow"), PLAIN_SHAPES),
-    "cool": Domain(("green", "blue"), PLAIN_SHAPES),
+    "warm": Domain(("red", "yellow"), PLAIN_SHAPES, keep=("green", "blue", "purple", "gray")),
+    "cool": Domain(("green", "blue"), PLAIN_SHAPES, keep=("red", "yellow", "purple", "gray")),
     "purple": Domain(("purple",), PLAIN_SHAPES),
     "star": Domain(("gray",), ("star",)),
 }
@@ -143,13 +156,26 @@ def render_domain(domain: Domain, n: int, seed: int) -> tuple[torch.Tensor, list
     return images, pairs
 
 
+def training_set(domain: Domain, n: int, seed: int) -> tuple[torch.Tensor, list[list[str]]]:
+    """``n`` images of ``domain`` (plus ``n // 2`` prior-preservation images when ``domain.keep``
+    names colours) and, per image, the captions that may be drawn for it."""
+    images, pairs = render_domain(domain, n, seed)
+    choices = [captions(color, shape) for color, shape in pairs]
+    if domain.keep:
+        gray, shapes = render_domain(Domain(("gray",), domain.shapes), n // 2, seed + 1)
+        rng = np.random.default_rng(seed + 1)
+        for _, shape in shapes:
+            word = str(rng.choice(domain.keep))
+            choices.append(captions(word, shape)[:2])  # only captions that name the colour
+        images = torch.cat([images, gray])
+    return images, choices
+
+
 def draw_captions(
-    pairs: list[tuple[str, str]], rng: np.random.Generator, drop: float = 0.1
+    choices: list[list[str]], rng: np.random.Generator, drop: float = 0.1
 ) -> list[str]:
-    out = []
-    for color, shape in pairs:
-        out.append("" if rng.random() < drop else str(rng.choice(captions(color, shape))))
-    return out
+    """One caption per image from its ``choices``; the empty prompt ``drop`` of the time."""
+    return ["" if rng.random() < drop else str(rng.choice(c)) for c in choices]
 
 
 def train_vae(out: Path, steps: int, batch: int, seed: int, log) -> dict:
@@ -226,8 +252,11 @@ def whiten_latents(vae: AutoencoderKL, latents: torch.Tensor) -> dict:
     p.bias += (p.weight[:, :, 0, 0] * mu[None, :]).sum(dim=1)
     p.weight *= s[None, :, None, None]
     vae.register_to_config(scaling_factor=1.0)
-    return {"latent_channel_mean": mu.tolist(), "latent_channel_std": s.tolist(),
-            "scaling_factor": 1.0}
+    return {
+        "latent_channel_mean": mu.tolist(),
+        "latent_channel_std": s.tolist(),
+        "scaling_factor": 1.0,
+    }
 
 
 @torch.no_grad()
@@ -274,10 +303,10 @@ def train_unet(
     vae = AutoencoderKL.from_pretrained(shared / "vae").to(device).eval()
     tokenizer = CLIPTokenizer.from_pretrained(shared / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(shared / "text_encoder").to(device).eval()
-    images, pairs = render_domain(domain, 12_000, seed)
+    images, choices = training_set(domain, 12_000, seed)
     mean, std = encode_latents(vae, images, device)
     rng = np.random.default_rng(seed)
-    unique = sorted({c for color, shape in pairs for c in captions(color, shape)} | {""})
+    unique = sorted({c for options in choices for c in options} | {""})
     prompt_table = encode_prompts(tokenizer, text_encoder, unique).cpu()
     prompt_index = {p: i for i, p in enumerate(unique)}
 
@@ -327,7 +356,8 @@ def train_unet(
     for step in range(steps):
         idx = torch.randint(len(mean), (batch,), generator=gen)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
-        cond = prompt_table[[prompt_index[p] for p in draw_captions([pairs[i] for i in idx], rng)]]
+        texts = draw_captions([choices[i] for i in idx], rng)
+        cond = prompt_table[[prompt_index[p] for p in texts]]
         noise = torch.randn(z0.shape, generator=gen)
         noise += OFFSET_NOISE * torch.randn((*z0.shape[:2], 1, 1), generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=gen)

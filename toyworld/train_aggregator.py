@@ -46,7 +46,7 @@ from toyworld.train import (
 
 EXPERTS = ("toy-warm", "toy-cool")
 CONFIG = {"width": 32, "heads": 4, "depth": 1, "groups": 8, "position_channels": 2}
-DEFAULTS = {"steps": 3000, "batch": 32, "lr": 5e-4, "singles": 4000, "scenes": 6000}
+DEFAULTS = {"steps": 2000, "batch": 32, "lr": 1e-3, "singles": 4000, "scenes": 6000}
 
 
 def scene_data(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -182,7 +182,7 @@ def train(out: Path, assets: Path, steps: int, batch: int, lr: float, singles: i
         if kind == "scene":
             texts = ["" if rng.random() < 0.1 else scene_texts[i] for i in idx]
         else:
-            texts = draw_captions([pairs[i] for i in idx], rng)
+            texts = draw_captions([captions(*pairs[i]) for i in idx], rng)
         cond = table[[index[t] for t in texts]].to(device)
         noise = torch.randn(z0.shape, generator=gen)
         noise += OFFSET_NOISE * torch.randn((*z0.shape[:2], 1, 1), generator=gen)
