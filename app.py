@@ -871,21 +871,21 @@ def build() -> gr.Blocks:
                         )
                         with gr.Row():
                             mode = gr.Radio(SUPERPOSE_MODES, value="or", label="Mode", scale=3)
-                            temperature_cfg = gr.Checkbox(
-                                True,
-                                label="Temperature = CFG scale",
-                                info="OR of the experts as each draws at this CFG",
-                                scale=2,
-                            )
-                            temperature = gr.Slider(
-                                0.1,
-                                20,
-                                value=1.0,
-                                step=0.05,
-                                label="Temperature (OR)",
-                                interactive=False,
-                                scale=2,
-                            )
+                            with gr.Column(scale=3):
+                                temperature_cfg = gr.Checkbox(
+                                    True,
+                                    label="OR temperature = CFG scale",
+                                    info="the mixture of what each expert draws at this CFG; "
+                                    "untick to set T (the paper's T = 1 is for CFG 1)",
+                                )
+                                temperature = gr.Slider(
+                                    0.1,
+                                    20,
+                                    value=1.0,
+                                    step=0.05,
+                                    label="Temperature (OR)",
+                                    interactive=False,
+                                )
                         rows, row_controls = [], []
                         starts = default_experts()
                         for k in range(PAGE_EXPERTS):
