@@ -267,7 +267,7 @@ def card(record: dict) -> str:
         f"({record['uncaptioned']} without a caption)",
         f"- Aggregator: {json.dumps(record['config'])}, {record['parameters']:,} parameters",
         f"- Steps: {record['step']} of {record['steps']}, batch {record['batch']}, AdamW lr {lrs}",
-        f"- Loss: {record['prediction_type']} MSE, min-SNR-γ {record['min_snr_gamma']}, "
+        f"- Loss: {record['prediction_type']} MSE, min-SNR-γ {record['min_snr_gamma'] or 'off'}, "
         f"offset noise {record['offset_noise']}, caption drop {record['caption_drop']}; "
         f"mean of the last 50 steps {record['loss']:.4f}",
         f"- Time: {record['seconds'] / 60:.1f} min on {record['device']}",
