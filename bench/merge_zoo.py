@@ -62,43 +62,60 @@ def accuracy(recipe: dict, color: str, shape: str, seeds: int, cache) -> dict:
 
 DENSITIES = (0.1, 0.2, 0.5)
 LAMBDAS = (0.5, 1.0, 1.5)
+TIES_VARIANTS = (
+    {"density": 0.2, "lambda": 1.0, "trim_scope": "model"},
+    {"density": 0.3, "lambda": 1.0, "trim_scope": "model"},
+    {"density": 0.4, "lambda": 1.0, "trim_scope": "model"},
+    {"density": 0.3, "lambda": 1.0},
+    {"density": 0.4, "lambda": 1.0},
+    {"density": 0.3, "lambda": 1.2},
+    {"density": 0.2, "lambda": 1.0, "sign_rule": "count"},
+)
+"""TIES settings beyond the grid: the paper code's whole-model trim, densities between the grid's,
+and the count sign rule that some tools use."""
 
 
 def sweep(seeds: int, cache) -> dict:
-    """Accuracy of TIES and DARE-TIES over the density × λ grid, per prompt and relative to the
-    expert alone; ``reaches_90_percent`` lists the settings that keep ≥ 90 % on both prompts."""
+    """Accuracy of TIES and DARE-TIES over the density × λ grid and ``TIES_VARIANTS``, per prompt
+    and relative to the expert alone; ``reaches_90_percent`` lists the settings that keep ≥ 90 %
+    on both prompts."""
     experts = {}
     for prompt, (color, shape, own) in PROMPTS.items():
         recipe = {"prompt": prompt, "experts": [{"model": own}], "sampler": dict(DEFAULT_SAMPLER)}
         experts[prompt] = accuracy(recipe, color, shape, seeds, cache)["accuracy"]
     rows = []
-    for method in ("ties", "dare_ties"):
-        for density in DENSITIES:
-            for lam in LAMBDAS:
-                merge = {"method": method, "base": "toy-base", "density": density, "lambda": lam}
-                row = {"merge": merge, "prompts": {}}
-                for prompt, (color, shape, _) in PROMPTS.items():
-                    recipe = {
-                        "prompt": prompt,
-                        "method": "merge",
-                        "experts": EXPERTS,
-                        "merge": merge,
-                        "sampler": dict(DEFAULT_SAMPLER),
-                    }
-                    result = accuracy(recipe, color, shape, seeds, cache)
-                    row["prompts"][prompt] = {
-                        "accuracy": result["accuracy"],
-                        "relative_to_expert": result["accuracy"] / experts[prompt],
-                        "pairs": result["pairs"],
-                    }
-                shares = [r["relative_to_expert"] for r in row["prompts"].values()]
-                row["min_relative_to_expert"] = min(shares)
-                rows.append(row)
-                print(
-                    f"{method:<9} density {density:<4} λ {lam:<4} "
-                    + "  ".join(f"{k!r} {v['accuracy']:.0%}" for k, v in row["prompts"].items()),
-                    flush=True,
-                )
+    grid = [
+        {"method": method, "base": "toy-base", "density": density, "lambda": lam}
+        for method in ("ties", "dare_ties")
+        for density in DENSITIES
+        for lam in LAMBDAS
+    ]
+    grid += [{"method": "ties", "base": "toy-base", **v} for v in TIES_VARIANTS]
+    for merge in grid:
+        row = {"merge": merge, "prompts": {}}
+        for prompt, (color, shape, _) in PROMPTS.items():
+            recipe = {
+                "prompt": prompt,
+                "method": "merge",
+                "experts": EXPERTS,
+                "merge": merge,
+                "sampler": dict(DEFAULT_SAMPLER),
+            }
+            result = accuracy(recipe, color, shape, seeds, cache)
+            row["prompts"][prompt] = {
+                "accuracy": result["accuracy"],
+                "relative_to_expert": result["accuracy"] / experts[prompt],
+                "pairs": result["pairs"],
+            }
+        shares = [r["relative_to_expert"] for r in row["prompts"].values()]
+        row["min_relative_to_expert"] = min(shares)
+        rows.append(row)
+        print(
+            json.dumps({k: v for k, v in merge.items() if k != "base"})
+            + "  "
+            + "  ".join(f"{k!r} {v['accuracy']:.0%}" for k, v in row["prompts"].items()),
+            flush=True,
+        )
     return {
         "experts_alone": experts,
         "settings": rows,
