@@ -49,6 +49,17 @@ MERGES = {
 }
 
 
+def merge_recipe(prompt: str, merge: dict) -> dict:
+    """The recipe of ``merge`` (a ``merge`` section) of toy-warm and toy-cool on ``prompt``."""
+    return {
+        "prompt": prompt,
+        "method": "merge",
+        "experts": EXPERTS,
+        "merge": merge,
+        "sampler": dict(DEFAULT_SAMPLER),
+    }
+
+
 def accuracy(recipe: dict, color: str, shape: str, seeds: int, cache) -> dict:
     labels, seconds = generate_labels(recipe, seeds, cache)
     hits = sum((c, s) == (color, shape) for c, s in labels)
@@ -94,14 +105,7 @@ def sweep(seeds: int, cache) -> dict:
     for merge in grid:
         row = {"merge": merge, "prompts": {}}
         for prompt, (color, shape, _) in PROMPTS.items():
-            recipe = {
-                "prompt": prompt,
-                "method": "merge",
-                "experts": EXPERTS,
-                "merge": merge,
-                "sampler": dict(DEFAULT_SAMPLER),
-            }
-            result = accuracy(recipe, color, shape, seeds, cache)
+            result = accuracy(merge_recipe(prompt, merge), color, shape, seeds, cache)
             row["prompts"][prompt] = {
                 "accuracy": result["accuracy"],
                 "relative_to_expert": result["accuracy"] / experts[prompt],
@@ -160,14 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"prompt": prompt, "method": f"{own} alone", **alone})
         print(f"{prompt!r:<16} {own + ' alone':<18} {alone['accuracy']:.0%}", flush=True)
         for name, merge in MERGES.items():
-            recipe = {
-                "prompt": prompt,
-                "method": "merge",
-                "experts": EXPERTS,
-                "merge": merge,
-                "sampler": dict(DEFAULT_SAMPLER),
-            }
-            row = accuracy(recipe, color, shape, args.seeds, cache)
+            row = accuracy(merge_recipe(prompt, merge), color, shape, args.seeds, cache)
             row["relative_to_expert"] = (
                 row["accuracy"] / alone["accuracy"] if alone["accuracy"] else None
             )

@@ -11,7 +11,7 @@ about 1/6 for a colour and a shape. The other merges are measured beside TIES in
 
 import pytest
 
-from bench.merge_zoo import EXPERTS, MERGES, PROMPTS, accuracy
+from bench.merge_zoo import MERGES, PROMPTS, accuracy, merge_recipe
 from composer import registry
 from composer.merge.lora import merge_files, write_lora
 from toyworld.measure import DEFAULT_SAMPLER
@@ -27,14 +27,7 @@ def cache():
 @pytest.mark.parametrize(("prompt", "least"), [("a red circle", 6 / 8), ("a blue square", 4 / 8)])
 def test_ties_of_warm_and_cool_keeps_each_experts_colour(prompt, least, cache):
     color, shape, _ = PROMPTS[prompt]
-    recipe = {
-        "prompt": prompt,
-        "method": "merge",
-        "experts": EXPERTS,
-        "merge": MERGES["ties"],
-        "sampler": dict(DEFAULT_SAMPLER),
-    }
-    row = accuracy(recipe, color, shape, SEEDS, cache)
+    row = accuracy(merge_recipe(prompt, MERGES["ties"]), color, shape, SEEDS, cache)
     assert row["accuracy"] >= least, row
 
 
