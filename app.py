@@ -139,6 +139,7 @@ def control_names() -> list[str]:
         "aggregate.aggregator",
         "aggregate_shown",
         *(f"aggregate{k}.model" for k in range(PAGE_EXPERTS)),
+        *(f"aggregate{k}.prompt" for k in range(PAGE_EXPERTS)),
         *SAMPLER_FIELDS,
     ]
 
@@ -203,7 +204,12 @@ def recipe_dict(*values) -> dict:
         }
     elif method == "aggregate":
         recipe["experts"] = [
-            {"model": c[f"aggregate{k}.model"], "loras": [], "prompt": None, "weight": 1.0}
+            {
+                "model": c[f"aggregate{k}.model"],
+                "loras": [],
+                "prompt": c[f"aggregate{k}.prompt"] or None,
+                "weight": 1.0,
+            }
             for k in range(int(c["aggregate_shown"]))
         ]
         recipe["aggregate"] = {"aggregator": c["aggregate.aggregator"] or None}
@@ -262,7 +268,7 @@ def fits_page(recipe) -> bool:
         return len(recipe.experts[0].loras) <= LORA_SLOTS
     if recipe.method == "aggregate":
         return len(recipe.experts) <= PAGE_EXPERTS and not any(
-            e.loras or e.prompt is not None or e.weight != 1.0 for e in recipe.experts
+            e.loras or e.weight != 1.0 for e in recipe.experts
         )
     if recipe.method == "superpose":
         return len(recipe.experts) <= PAGE_EXPERTS and all(
@@ -313,6 +319,7 @@ def control_values(recipe, current: dict | None = None) -> list:
     c.update({"aggregate.aggregator": default_aggregator(), "aggregate_shown": 2})
     for k, model in enumerate(default_experts()):
         c[f"aggregate{k}.model"] = model
+    c.update({f"aggregate{k}.prompt": "" for k in range(PAGE_EXPERTS)})
     c.update(current or {})
     s = recipe.sampler
     c.update(
@@ -353,6 +360,7 @@ def control_values(recipe, current: dict | None = None) -> list:
         c["aggregate_shown"] = len(recipe.experts)
         for k, expert in enumerate(recipe.experts):
             c[f"aggregate{k}.model"] = expert.model
+            c[f"aggregate{k}.prompt"] = expert.prompt or ""
     elif recipe.method == "superpose":
         settings = recipe.superpose
         bias = settings.bias if settings and settings.bias else None
@@ -988,7 +996,11 @@ def build() -> gr.Blocks:
                             "which expert's features to trust. Experts need the same "
                             "architecture; an aggregator works only for the experts it was "
                             "trained for, in that order (picking one fills them in). Without "
-                            "one the features are averaged."
+                            "one the features are averaged. To compose a picture from parts, "
+                            "give each expert its own prompt and describe the whole in the "
+                            "main prompt, which is what the aggregator reads (toy-warm-cool: "
+                            "“a red circle” and “a blue square” under “a red circle and a blue "
+                            "square”, 64×32)."
                         )
                         aggregator = gr.Dropdown(
                             [
@@ -1000,12 +1012,21 @@ def build() -> gr.Blocks:
                             label="Aggregator",
                             info="A bundled aggregator or a folder made by training one",
                         )
-                        aggregate_rows, aggregate_controls = [], []
+                        aggregate_rows, aggregate_controls, aggregate_prompts = [], [], []
                         first = aggregator_experts(default_aggregator()) or starts
                         for k in range(PAGE_EXPERTS):
                             with gr.Row(visible=k < 2) as row:
                                 aggregate_controls.append(
                                     expert_dropdown(models, (first + starts)[k], k)
+                                )
+                                aggregate_prompts.append(
+                                    gr.Textbox(
+                                        "",
+                                        label="Prompt (empty: main prompt)",
+                                        info="Its own part of the picture; the aggregator "
+                                        "reads the main prompt",
+                                        scale=4,
+                                    )
                                 )
                             aggregate_rows.append(row)
                         with gr.Row():
@@ -1120,6 +1141,7 @@ def build() -> gr.Blocks:
             aggregator,
             aggregate_shown,
             *aggregate_controls,
+            *aggregate_prompts,
             prompt,
             negative,
             scheduler,

@@ -13,8 +13,11 @@ Writes ``bench/results/aggregate-zoo-<device>.json`` with three parts:
    own domain) and two-object prompts at 64×32, where an image is right when the left half and the
    right half each show what the prompt names. Methods: each expert alone, ε averaging
    (``SuperpositionPipeline`` mode "average", the project's averaging baseline), the weighted-sum
-   merge, uniform feature averaging and AFA. Euler, 20 steps, CFG 5, batches of 32 images from a
-   generator seeded with the batch's first seed.
+   merge, uniform feature averaging and AFA. On a two-object prompt the ensembles give each
+   expert its own object's caption ("a red circle" to toy-warm, "a blue square" to toy-cool;
+   ``expert_parts``) and AFA's aggregators the whole prompt, as the aggregator was trained; a
+   single model (an expert alone, the merge) can only read the whole prompt. Euler, 20 steps,
+   CFG 5, batches of 32 images from a generator seeded with the batch's first seed.
 3. **Speed**: seconds per 32×32 image (one image, 20 steps, CFG) for one expert, uniform feature
    averaging and AFA in the same run (median of 5).
 """
@@ -52,6 +55,21 @@ EXPERTS = ("toy-warm", "toy-cool")
 SAMPLER = {"scheduler": "euler", "steps": 20, "guidance_scale": 5.0}
 SINGLE_PROMPTS = {"a red circle": "toy-warm", "a blue square": "toy-cool"}
 SCENE_PROMPTS = ("a red circle and a blue square", "a green triangle and a yellow square")
+OWNER = {c: e for e in EXPERTS for c in DOMAINS[e.removeprefix("toy-")].colors}
+"""Which expert owns each colour word: the expert whose own prompt an object's caption is."""
+
+
+def expert_parts(prompt: str) -> list[str]:
+    """Per expert (``EXPERTS`` order), the part of a two-object prompt naming its colour:
+    "a green triangle and a yellow square" → ["a yellow square", "a green triangle"]."""
+    parts = [part.strip() for part in prompt.split(" and ")]
+    objects = parse_scene(prompt)
+    return [
+        next(part for part, (color, _) in zip(parts, objects, strict=True) if OWNER[color] == e)
+        for e in EXPERTS
+    ]
+
+
 HELD_OUT_SEED = 12345
 BATCH = 32
 
@@ -82,31 +100,35 @@ def denoising_errors(pipes, aggregator: Aggregator, n: int) -> dict:
     scheduler = DDPMScheduler(**TRAIN_SCHEDULER)
     warm, warm_pairs = render_domain(DOMAINS["warm"], n, HELD_OUT_SEED)
     cool, cool_pairs = render_domain(DOMAINS["cool"], n, HELD_OUT_SEED + 1)
-    scenes, scene_texts = scene_data(n, HELD_OUT_SEED + 2)
-    domains = {
-        "warm": (warm, [captions(c, s)[0] for c, s in warm_pairs]),
-        "cool": (cool, [captions(c, s)[0] for c, s in cool_pairs]),
-        "scenes": (scenes, scene_texts),
+    scenes, scene_texts, scene_parts = scene_data(n, HELD_OUT_SEED + 2)
+    warm_texts = [captions(c, s)[0] for c, s in warm_pairs]
+    cool_texts = [captions(c, s)[0] for c, s in cool_pairs]
+    domains = {  # images, the whole caption, each expert's caption (the same, but in scenes)
+        "warm": (warm, warm_texts, [warm_texts, warm_texts]),
+        "cool": (cool, cool_texts, [cool_texts, cool_texts]),
+        "scenes": (scenes, scene_texts, [list(part) for part in zip(*scene_parts, strict=True)]),
     }
     out: dict = {}
     union: dict[str, list[np.ndarray]] = {}
-    for domain, (images, texts) in domains.items():
+    for domain, (images, texts, per_expert) in domains.items():
         mean, _ = encode_latents(vae, images, "cpu")
         gen = torch.Generator().manual_seed(HELD_OUT_SEED)
         noise = torch.randn(mean.shape, generator=gen)
         t = torch.randint(0, 1000, (len(mean),), generator=gen)
         cond = encode_prompts(tokenizer, text_encoder, texts)
+        conds = [encode_prompts(tokenizer, text_encoder, part) for part in per_expert]
         errors: dict[str, list[torch.Tensor]] = {}
         for chunk in torch.arange(len(mean)).split(128):
             x = scheduler.add_noise(mean[chunk] * vae.config.scaling_factor, noise[chunk], t[chunk])
             c, e, tt = cond[chunk], noise[chunk], t[chunk]
-            eps = [u(x, tt, c).sample for u in unets]
-            predictions = {
-                "toy-warm": eps[0],
-                "toy-cool": eps[1],
+            cs = [part[chunk] for part in conds]
+            eps = [u(x, tt, ci).sample for u, ci in zip(unets, cs, strict=True)]
+            predictions = {  # an expert alone reads the whole caption; ensembles, their parts
+                "toy-warm": unets[0](x, tt, c).sample,
+                "toy-cool": unets[1](x, tt, c).sample,
                 "eps averaging": (eps[0] + eps[1]) / 2,
-                "uniform feature averaging": predict_noise(None, unets, x, tt, [c, c]),
-                "afa": predict_noise(aggregator, unets, x, tt, [c, c]),
+                "uniform feature averaging": predict_noise(None, unets, x, tt, cs),
+                "afa": predict_noise(aggregator, unets, x, tt, cs, aggregator_text=c),
             }
             for name, p in predictions.items():
                 errors.setdefault(name, []).append((p - e).pow(2).flatten(1).mean(1))
@@ -182,25 +204,35 @@ def generation(pipes, aggregator: Aggregator, seeds: int) -> list[dict]:
             )
         )
 
-    methods = {
-        "toy-warm": plain(pipes[0]),
-        "toy-cool": plain(pipes[1]),
-        "eps averaging": lambda prompt, size: (
-            lambda b, g: (
-                average(
-                    prompt,
-                    mode="average",
+    def ensemble(pipe, **extra):
+        """Each expert reads its part of a two-object prompt (``expert_parts``)."""
+
+        def run(prompt, size):
+            scene = " and " in prompt
+            prompts = expert_parts(prompt) if scene else prompt
+            whole = {"aggregator_prompt": prompt} if scene and pipe is afa else {}
+            return lambda b, g: (
+                pipe(
+                    prompts,
                     height=size[0],
                     width=size[1],
                     num_images_per_prompt=b,
                     generator=g,
+                    **extra,
+                    **whole,
                     **common,
                 ).images
             )
-        ),
+
+        return run
+
+    methods = {
+        "toy-warm": plain(pipes[0]),
+        "toy-cool": plain(pipes[1]),
+        "eps averaging": ensemble(average, mode="average"),
         "weighted-sum merge": plain(merged),
-        "uniform feature averaging": plain(uniform),
-        "afa": plain(afa),
+        "uniform feature averaging": ensemble(uniform),
+        "afa": ensemble(afa),
     }
     rows = []
     jobs = [(p, (32, 32), [m, "uniform feature averaging", "afa"], False)

@@ -383,11 +383,16 @@ def _sample_aggregate(
     native_width, native_height = native_size(pipes[0])
     width, height = s.width or native_width, s.height or native_height
     prompts = [recipe.expert_prompt(i) for i in range(len(sources))]
+    # Experts with prompts of their own read their part; the aggregators read the whole image's
+    # prompt (the recipe's), which says where each part goes.
+    own = any(e.prompt is not None for e in recipe.experts)
+    aggregator_prompt = recipe.prompt if own and recipe.prompt else None
 
     def sample(seed: int, on_step):
         steps, record = _recorder(on_step)
         out = ensemble(
             prompts,
+            aggregator_prompt=aggregator_prompt,
             negative_prompt=recipe.negative_prompt or None,
             num_inference_steps=s.steps,
             guidance_scale=s.guidance_scale,

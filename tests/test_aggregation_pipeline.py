@@ -107,3 +107,49 @@ def test_mismatched_experts_and_aggregators_are_refused(tiny_sd1, tiny_sd1_other
                                       groups=4)  # fmt: skip
     with pytest.raises(ValueError, match="trained for one, two in that order"):
         AggregationPipeline.from_pipes([other, sd1], aggregator, names=["two", "one"])
+
+
+def test_aggregator_prompt_reaches_the_aggregators_only(tiny_sd1, tiny_sd1_other):
+    """Experts read their own prompts; the aggregators read ``aggregator_prompt``, encoded by
+    every expert's text encoder and averaged (the mean of the experts' prompts without it)."""
+    pipes = [_load(StableDiffusionPipeline, p) for p in (tiny_sd1, tiny_sd1_other)]
+    aggregator = Aggregator.for_unets(
+        [p.unet for p in pipes], ["a", "b"], width=8, heads=2, groups=4, position_channels=2
+    )
+    with torch.no_grad():
+        for sabw in aggregator.points:
+            sabw.proj_out.weight.normal_(0, 1.0)
+    ensemble = AggregationPipeline.from_pipes(pipes, aggregator, names=["a", "b"])
+    ensemble.set_progress_bar_config(disable=True)
+    seen: list[torch.Tensor] = []
+    combine = aggregator.combine
+
+    def spy(index, features, context, maps=None):
+        if index == 0:
+            seen.append(context.text)
+        return combine(index, features, context, maps)
+
+    aggregator.combine = spy
+    parts, whole = ["a red circle", "a blue square"], "a red circle and a blue square"
+
+    def run(**kwargs):
+        return ensemble(
+            parts,
+            num_inference_steps=STEPS,
+            guidance_scale=4.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **kwargs,
+        ).images
+
+    own = run(aggregator_prompt=whole)
+    cpu = torch.device("cpu")
+    expected = torch.stack(ensemble._encode([whole] * 2, None, 1, True, 16, 16, cpu)[0]).mean(0)
+    torch.testing.assert_close(seen[-1], expected)
+    mean = run()
+    experts = ensemble._encode(parts, None, 1, True, 16, 16, cpu)[0]
+    torch.testing.assert_close(seen[-1], torch.stack(experts).mean(0))
+    assert np.abs(own - mean).max() > 1e-3
+    # uniform averaging has no aggregator to read it: the prompt changes nothing
+    ensemble.aggregator = None
+    np.testing.assert_array_equal(run(aggregator_prompt=whole), run())

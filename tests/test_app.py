@@ -109,9 +109,17 @@ def test_aggregate_controls_and_recipe_convert_both_ways(tiny_sd1, tiny_sd1_othe
     assert named["method"] == "aggregate" and named["aggregate_shown"] == 3
     assert named["aggregate2.model"] == tiny_sd1
     assert parse(app.recipe_dict(*values)) == recipe
-    per_expert_prompt = parse({**recipe.to_dict(), "experts": [
-        {"model": tiny_sd1, "prompt": "x"}, {"model": tiny_sd1_other}]})  # fmt: skip
-    assert not app.fits_page(per_expert_prompt)
+    # each expert's own prompt (a part of the picture) has a box on the tab too
+    parts = parse({**recipe.to_dict(), "experts": [
+        {"model": tiny_sd1, "prompt": "a red circle"}, {"model": tiny_sd1_other}]})  # fmt: skip
+    assert app.fits_page(parts)
+    values = app.control_values(parts)
+    named = dict(zip(app.control_names(), values, strict=True))
+    assert named["aggregate0.prompt"] == "a red circle" and named["aggregate1.prompt"] == ""
+    assert parse(app.recipe_dict(*values)) == parts
+    star = {"model": tiny_sd1, "loras": [{"path": "toy-star"}]}
+    with_lora = parse({**recipe.to_dict(), "experts": [star, {"model": tiny_sd1_other}]})
+    assert not app.fits_page(with_lora)
 
 
 def test_choosing_the_bundled_aggregator_fills_in_its_experts():

@@ -10,10 +10,10 @@ from composer.recipe import RecipeError, parse
 from pipelines.aggregation import Aggregator
 
 
-def aggregate(experts, cache, aggregator=None, **sampler):
+def aggregate(experts, cache, aggregator=None, prompt="a red circle", **sampler):
     recipe = parse(
         {
-            "prompt": "a red circle",
+            "prompt": prompt,
             "method": "aggregate",
             "experts": experts,
             "aggregate": {"aggregator": aggregator},
@@ -69,6 +69,32 @@ def test_a_bound_aggregator_runs_and_changes_the_image(
     assert float(maps["mid"][0].mean()) == pytest.approx(mean_over_steps, abs=2e-3)
     uniform = aggregate(experts, cache)
     assert not np.array_equal(np.asarray(result.images[0]), np.asarray(uniform.images[0]))
+
+
+def test_experts_read_their_prompts_and_the_aggregators_the_recipes(
+    tiny_sd1, tiny_sd1_other, tmp_path, cache
+):
+    """With prompts of their own on the experts, the recipe's prompt is what the aggregators
+    read: swapping its order changes a trained aggregator's image and not uniform averaging's."""
+    unets = [StableDiffusionPipeline.from_pretrained(p).unet for p in (tiny_sd1, tiny_sd1_other)]
+    aggregator = Aggregator.for_unets(unets, ["sd1", "sd1-other"], width=8, heads=2, groups=4)
+    with torch.no_grad():  # weights that depend on the prompt (a bias alone would not)
+        for sabw in aggregator.points:
+            sabw.proj_out.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(1))
+    aggregator.save_pretrained(tmp_path / "reads-prompt")
+    experts = [
+        {"model": tiny_sd1, "prompt": "a red circle"},
+        {"model": tiny_sd1_other, "prompt": "a blue square"},
+    ]
+    images = {}
+    for folder in (str(tmp_path / "reads-prompt"), None):
+        for whole in ("a red circle and a blue square", "a blue square and a red circle"):
+            result = aggregate(experts, cache, aggregator=folder, prompt=whole)
+            images[folder is not None, whole] = np.asarray(result.images[0]).astype(int)
+    trained = [v for (k, _), v in images.items() if k]
+    uniform = [v for (k, _), v in images.items() if not k]
+    assert np.abs(trained[0] - trained[1]).max() > 0
+    assert np.array_equal(uniform[0], uniform[1])
 
 
 def test_aggregator_for_other_experts_is_refused(tiny_sd1, tiny_sd1_other, trained_for_pair, cache):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -295,6 +296,7 @@ def train_unet(
     seed: int,
     lora_rank: int | None,
     log,
+    layers: str | None = None,
 ) -> tuple[UNet2DConditionModel, dict]:
     """Train (or fine-tune, or LoRA-tune) a U-Net on ``domain`` in the shared latent space."""
     accelerator = Accelerator()
@@ -334,6 +336,12 @@ def train_unet(
                 ],
             )
         )
+    if layers:  # e.g. "attn2\.to_[kv]" (Custom Diffusion); toyworld/README.md says what it gave
+        # (A GroupNorm whose weight trains but whose input needs no gradient crashed torch
+        # 2.13's CPU backward with a segfault: start the pattern after such norms.)
+        pattern = re.compile(layers)
+        for name, param in unet.named_parameters():
+            param.requires_grad_(bool(pattern.search(name)))
     params = [p for p in unet.parameters() if p.requires_grad]
     ema = (
         None
@@ -385,6 +393,8 @@ def train_unet(
         "seconds": round(seconds, 1),
         "images": len(images),
         "lora_rank": lora_rank,
+        "layers": layers,
+        "trained_parameters": sum(p.numel() for p in params),
         "min_snr_gamma": MIN_SNR_GAMMA,
         "offset_noise": OFFSET_NOISE,
         "device": describe_device(device),
@@ -462,10 +472,13 @@ def stage_output(out: Path, stage: str) -> Path:
     return out / "loras" / LORA_NAMES[stage]
 
 
-def run_stage(out: Path, stage: str, steps: int | None, seed: int, log) -> dict:
+def run_stage(
+    out: Path, stage: str, steps: int | None, seed: int, log, overrides: dict | None = None
+) -> dict:
     cfg = dict(STAGE_DEFAULTS[stage])
     if steps:
         cfg["steps"] = steps
+    cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
     shared = out / "shared"
     if stage == "vae":
         stats = train_vae(shared, cfg["steps"], cfg["batch"], seed, log)
@@ -474,7 +487,16 @@ def run_stage(out: Path, stage: str, steps: int | None, seed: int, log) -> dict:
         if stage == "base":
             save_scheduler(shared)  # the schedule every U-Net of the zoo is trained with
         unet, stats = train_unet(
-            shared, DOMAINS[stage], init, cfg["steps"], cfg["batch"], cfg["lr"], seed, None, log
+            shared,
+            DOMAINS[stage],
+            init,
+            cfg["steps"],
+            cfg["batch"],
+            cfg["lr"],
+            seed,
+            None,
+            log,
+            layers=cfg.get("layers"),
         )
         save_model(out, MODEL_NAMES[stage], unet)
     else:
@@ -505,6 +527,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("assets"))
     parser.add_argument("--steps", type=int, default=None, help="override the stage's step count")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=None, help="override the stage's learning rate")
+    parser.add_argument(
+        "--layers",
+        default=None,
+        help="regex of the U-Net parameter names a fine-tune trains (default: the stage's)",
+    )
     parser.add_argument(
         "--force", action="store_true", help="retrain stages that already have output"
     )
@@ -520,6 +548,7 @@ def main(argv: list[str] | None = None) -> None:
             args.steps,
             args.seed,
             lambda msg, s=stage: print(f"[{s}] {msg}", flush=True),
+            {"lr": args.lr, "layers": args.layers},
         )
         print(f"[{stage}] done: {json.dumps(stats)}", flush=True)
 

@@ -7,7 +7,9 @@ The experts stay frozen; only the SABW aggregators (``pipelines.aggregation``) l
 trained), AdamW, 10 % caption drop, accelerate (the GPU when there is one). Half the steps see
 one-object images of either expert's domain (red/yellow or green/blue shapes at 32×32), half see
 two-object scenes at 64×32 with one warm and one cool object ("a red circle and a blue square":
-the left object is named first). Neither expert has seen a scene or the other's colours: only an
+the left object is named first). In a scene each expert reads its own object's caption ("a red
+circle" for toy-warm, "a blue square" for toy-cool) and the aggregators read the scene's, which
+says which side each goes on. Neither expert has seen a scene or the other's colours: only an
 aggregator that routes each half of the frame to the right expert can denoise them.
 
 Every ``--save-every`` steps the aggregator is written to ``--out`` with a ``training.json`` that
@@ -49,19 +51,21 @@ CONFIG = {"width": 32, "heads": 4, "depth": 1, "groups": 8, "position_channels":
 DEFAULTS = {"steps": 2000, "batch": 32, "lr": 1e-3, "singles": 4000, "scenes": 6000}
 
 
-def scene_data(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """``n`` two-object scenes (one warm, one cool object, either side) in [-1, 1] and captions."""
+def scene_data(n: int, seed: int) -> tuple[torch.Tensor, list[str], list[list[str]]]:
+    """``n`` two-object scenes (one warm, one cool object, either side) in [-1, 1], their
+    captions, and per scene what each expert reads: its own object's caption."""
     rng = np.random.default_rng(seed)
     warm, cool = DOMAINS["warm"], DOMAINS["cool"]
-    images, texts = [], []
+    images, texts, parts = [], [], []
     for i in range(n):
         a = (str(rng.choice(warm.colors)), str(rng.choice(warm.shapes)))
         b = (str(rng.choice(cool.colors)), str(rng.choice(cool.shapes)))
         left, right = (a, b) if rng.random() < 0.5 else (b, a)
         images.append(np.asarray(render_scene(left, right, seed * 1_000_000 + i)))
         texts.append(scene_caption(left, right))
+        parts.append([captions(*a)[0], captions(*b)[0]])  # in EXPERTS' order: warm, cool
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return pixels, texts
+    return pixels, texts, parts
 
 
 def single_data(n: int, seed: int) -> tuple[torch.Tensor, list[tuple[str, str]]]:
@@ -131,11 +135,14 @@ def train(out: Path, assets: Path, steps: int, batch: int, lr: float, singles: i
     aggregator.to(device).train()
 
     single_images, pairs = single_data(singles, seed)
-    scene_images, scene_texts = scene_data(scenes, seed + 7)
+    scene_images, scene_texts, scene_parts = scene_data(scenes, seed + 7)
     single_mean, single_std = encode_latents(vae, single_images, device)
     scene_mean, scene_std = encode_latents(vae, scene_images, device)
     unique = sorted(
-        {c for color, shape in pairs for c in captions(color, shape)} | set(scene_texts) | {""}
+        {c for color, shape in pairs for c in captions(color, shape)}
+        | set(scene_texts)
+        | {part for both in scene_parts for part in both}
+        | {""}
     )
     table = encode_prompts(tokenizer, text_encoder, unique).cpu()
     index = {p: i for i, p in enumerate(unique)}
@@ -180,16 +187,23 @@ def train(out: Path, assets: Path, steps: int, batch: int, lr: float, singles: i
         idx = torch.randint(len(mean), (batch,), generator=gen)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
         if kind == "scene":
-            texts = ["" if rng.random() < 0.1 else scene_texts[i] for i in idx]
+            drop = [rng.random() < 0.1 for _ in idx]
+            texts = ["" if d else scene_texts[i] for d, i in zip(drop, idx, strict=True)]
+            per_expert = [
+                ["" if d else scene_parts[i][k] for d, i in zip(drop, idx, strict=True)]
+                for k in range(len(EXPERTS))
+            ]
         else:
             texts = draw_captions([captions(*pairs[i]) for i in idx], rng)
-        cond = table[[index[t] for t in texts]].to(device)
+            per_expert = [texts] * len(EXPERTS)
+        whole = table[[index[t] for t in texts]].to(device)
+        conds = [table[[index[t] for t in part]].to(device) for part in per_expert]
         noise = torch.randn(z0.shape, generator=gen)
         noise += OFFSET_NOISE * torch.randn((*z0.shape[:2], 1, 1), generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
         loss = denoising_loss(
             aggregator, unets, scheduler, z0.to(device), noise.to(device), t.to(device),
-            [cond, cond], min_snr_gamma=MIN_SNR_GAMMA,
+            conds, min_snr_gamma=MIN_SNR_GAMMA, aggregator_text=whole,
         )  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)

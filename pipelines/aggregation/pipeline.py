@@ -199,11 +199,15 @@ class AggregationPipeline(EnsemblePipeline):
         latents: torch.Tensor | None = None,
         return_maps: bool = False,
         return_dict: bool = True,
+        aggregator_prompt: str | None = None,
     ) -> AggregationPipelineOutput | tuple:
         r"""Generate ``num_images_per_prompt`` images of ``prompt`` with the AFA ensemble.
 
         ``prompt`` is one str for every expert, or one per expert (each expert's U-Net then
-        cross-attends to its own prompt; the aggregators see the mean embedding). The other
+        cross-attends to its own prompt). The aggregators see the mean of the experts' prompt
+        embeddings, or ``aggregator_prompt`` when given: a caption of the whole image while each
+        expert reads its part ("a red circle and a blue square" over ["a red circle", "a blue
+        square"]), encoded by every expert's text encoder and averaged. The other
         arguments are those of ``StableDiffusionPipeline`` (the scheduler is ``pipe.scheduler``;
         swap it as usual). ``return_maps=True`` also returns, per aggregation
         point, each expert's weight at every pixel and step (``AggregationPipelineOutput.maps``).
@@ -236,6 +240,18 @@ class AggregationPipeline(EnsemblePipeline):
         batch = num_images_per_prompt
         cfg = guidance_scale > 1.0
         texts, added = self._encode(prompts, negative_prompt, batch, cfg, height, width, device)
+        aggregator_text = None
+        if aggregator_prompt is not None:
+            whole, _ = self._encode(
+                [aggregator_prompt] * len(self.experts),
+                negative_prompt,
+                batch,
+                cfg,
+                height,
+                width,
+                device,
+            )
+            aggregator_text = torch.stack(whole).mean(0)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
@@ -266,6 +282,7 @@ class AggregationPipeline(EnsemblePipeline):
                     texts,
                     lambda k, f, c, m=step_maps: combine(k, f, c, m),
                     added,
+                    aggregator_text=aggregator_text,
                 )
                 if cfg:
                     uncond, cond = noise.chunk(2)

@@ -27,10 +27,13 @@ def predict_noise(
     timesteps: torch.Tensor,
     texts: Sequence[torch.Tensor],
     added_cond_kwargs: Sequence[dict] | None = None,
+    aggregator_text: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The ensemble's prediction; ``aggregator=None`` is uniform feature averaging."""
     combine = uniform_combine if aggregator is None else aggregator.combine
-    return walk(unets, noisy, timesteps, texts, combine, added_cond_kwargs)
+    return walk(
+        unets, noisy, timesteps, texts, combine, added_cond_kwargs, aggregator_text=aggregator_text
+    )
 
 
 def denoising_loss(
@@ -43,11 +46,12 @@ def denoising_loss(
     texts: Sequence[torch.Tensor],
     min_snr_gamma: float | None = None,
     added_cond_kwargs: Sequence[dict | None] | None = None,
+    aggregator_text: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MSE of the aggregated prediction on x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε against what the experts
     predict: ε, or v = √ᾱ_t·ε − √(1 − ᾱ_t)·x₀ for v-prediction experts (SD 2.x 768), as the
     scheduler's ``prediction_type`` says. ``added_cond_kwargs``: SDXL's pooled text and time ids,
-    per expert.
+    per expert. ``aggregator_text``: the aggregators' own prompt embedding (``walker.walk``).
 
     min-SNR-γ (Hang et al. 2023, §3.3) weights ε-prediction by min(SNR, γ)/SNR and
     v-prediction by min(SNR, γ)/(SNR + 1), so that both weight the x₀ error alike."""
@@ -59,7 +63,9 @@ def denoising_loss(
     else:
         raise ValueError(f"experts predicting {kind!r} are not supported; epsilon or v_prediction")
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    predicted = predict_noise(aggregator, unets, noisy, timesteps, texts, added_cond_kwargs)
+    predicted = predict_noise(
+        aggregator, unets, noisy, timesteps, texts, added_cond_kwargs, aggregator_text
+    )
     per_sample = (predicted.float() - target.float()).pow(2).flatten(1).mean(1)
     if min_snr_gamma is not None:
         alphas = scheduler.alphas_cumprod.to(latents.device)[timesteps]

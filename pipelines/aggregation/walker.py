@@ -60,7 +60,8 @@ class Point:
 @dataclass
 class Context:
     """What every aggregator sees besides the features: the experts' mean time embedding
-    (B, D_t) and mean prompt embedding (B, L, D_c)."""
+    (B, D_t) and a prompt embedding (B, L, D_c): the experts' mean, or the aggregators' own
+    (``walk``'s ``aggregator_text``)."""
 
     temb: torch.Tensor
     text: torch.Tensor
@@ -158,10 +159,14 @@ def walk(
     combine: Combine,
     added_cond_kwargs: Sequence[dict[str, torch.Tensor] | None] | None = None,
     cross_attention_kwargs: dict | None = None,
+    aggregator_text: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the experts block by block on ``sample``, blending after every point.
 
     ``encoder_hidden_states[i]`` (and ``added_cond_kwargs[i]`` for SDXL) belong to expert i.
+    The aggregators cross-attend to ``aggregator_text`` when given (a prompt of the whole image
+    while each expert reads its own part, e.g. "a red circle and a blue square" over "a red
+    circle" and "a blue square"), else to the mean of the experts' embeddings.
     Returns the blended output of the heads, shaped like ``sample``.
     """
     n = len(unets)
@@ -184,7 +189,10 @@ def walk(
         time_embedding(u, sample, timestep, e, a)
         for u, e, a in zip(unets, encoder_hidden_states, added, strict=True)
     ]
-    context = Context(temb=torch.stack(embs).mean(0), text=torch.stack(texts).mean(0))
+    context = Context(
+        temb=torch.stack(embs).mean(0),
+        text=torch.stack(texts).mean(0) if aggregator_text is None else aggregator_text,
+    )
     up_factor = 2**first.num_upsamplers
     forward_upsample_size = any(dim % up_factor for dim in sample.shape[-2:])
     index = 0
