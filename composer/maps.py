@@ -31,15 +31,20 @@ def map_image(weights: torch.Tensor, size: tuple[int, int]) -> Image.Image:
 def side_by_side(
     image: Image.Image, maps: dict[str, torch.Tensor], points: list[str]
 ) -> Image.Image:
-    """The image, then the map of each of ``points``, in one row with 2-pixel gaps."""
+    """The image, then the map of each of ``points``, with 2-pixel gaps: in one row, or in two
+    when the image is wider than tall (a 64×32 picture and four maps in one row came out as a
+    10:1 strip that the page shows a few pixels tall)."""
     tiles = [image.convert("RGB"), *(map_image(maps[p], image.size) for p in points)]
-    width = sum(t.width for t in tiles) + 2 * (len(tiles) - 1)
-    row = Image.new("RGB", (width, image.height), (255, 255, 255))
-    x = 0
-    for tile in tiles:
-        row.paste(tile, (x, 0))
-        x += tile.width + 2
-    return row
+    columns = len(tiles) if image.width <= image.height else -(-len(tiles) // 2)
+    rows = -(-len(tiles) // columns)
+    grid = Image.new(
+        "RGB",
+        (columns * (image.width + 2) - 2, rows * (image.height + 2) - 2),
+        (255, 255, 255),
+    )
+    for k, tile in enumerate(tiles):
+        grid.paste(tile, ((k % columns) * (image.width + 2), (k // columns) * (image.height + 2)))
+    return grid
 
 
 def expert_share(weights: torch.Tensor) -> list[float]:

@@ -26,5 +26,10 @@ def test_side_by_side_and_too_many_experts():
     maps = {"mid": torch.full((2, 3, 3), 0.5), "head": torch.ones(2, 6, 6) / 2}
     row = side_by_side(image, maps, ["mid", "head"])
     assert row.size == (6 * 3 + 4, 6)
+    assert row.getpixel((6 + 2, 0)) == map_image(maps["mid"], (6, 6)).getpixel((0, 0))
+    wide = Image.new("RGB", (12, 6), (0, 0, 0))  # image + 3 maps: two rows of two
+    grid = side_by_side(wide, {**maps, "up": torch.ones(2, 3, 6) / 2}, ["mid", "head", "up"])
+    assert grid.size == (12 * 2 + 2, 6 * 2 + 2)
+    assert grid.getpixel((0, 0)) == (0, 0, 0) and grid.getpixel((0, 8)) != (255, 255, 255)
     with pytest.raises(ValueError, match="at most 4 experts"):
         map_image(torch.ones(5, 2, 2) / 5, (4, 4))

@@ -84,7 +84,8 @@ def write_card(out: Path, stats: dict) -> None:
         "",
         f"- Experts, in order: {', '.join(stats['experts'])}",
         f"- Data: {stats['singles']} one-object images (half red/yellow, half green/blue shapes, "
-        f"32×32) and {stats['scenes']} two-object scenes (64×32, one warm and one cool object)",
+        f"32×32) and {stats['scenes']} two-object scenes (64×32, one warm and one cool object; "
+        "each expert reads its own object's caption, the aggregators the scene's)",
         f"- Aggregator: {json.dumps(stats['config'])}, {stats['parameters']:,} parameters",
         f"- Steps: {stats['step']} of batch {stats['batch']}, AdamW lr "
         + ", ".join(f"{r['lr']} from step {r['from_step']}" for r in stats["runs"])
