@@ -60,14 +60,11 @@ OWNER = {c: e for e in EXPERTS for c in DOMAINS[e.removeprefix("toy-")].colors}
 
 
 def expert_parts(prompt: str) -> list[str]:
-    """Per expert (``EXPERTS`` order), the part of a two-object prompt naming its colour:
+    """Per expert (``EXPERTS`` order), the caption of the object of a two-object prompt in its
+    colours, as ``toyworld.train_aggregator.scene_data`` gives them:
     "a green triangle and a yellow square" → ["a yellow square", "a green triangle"]."""
-    parts = [part.strip() for part in prompt.split(" and ")]
     objects = parse_scene(prompt)
-    return [
-        next(part for part, (color, _) in zip(parts, objects, strict=True) if OWNER[color] == e)
-        for e in EXPERTS
-    ]
+    return [next(captions(*o)[0] for o in objects if OWNER[o[0]] == e) for e in EXPERTS]
 
 
 HELD_OUT_SEED = 12345
@@ -204,13 +201,14 @@ def generation(pipes, aggregator: Aggregator, seeds: int) -> list[dict]:
             )
         )
 
-    def ensemble(pipe, **extra):
-        """Each expert reads its part of a two-object prompt (``expert_parts``)."""
+    def ensemble(pipe, aggregator_reads_whole=False, **extra):
+        """Each expert reads its part of a two-object prompt (``expert_parts``); AFA's
+        aggregators read the whole prompt."""
 
         def run(prompt, size):
             scene = " and " in prompt
             prompts = expert_parts(prompt) if scene else prompt
-            whole = {"aggregator_prompt": prompt} if scene and pipe is afa else {}
+            whole = {"aggregator_prompt": prompt} if scene and aggregator_reads_whole else {}
             return lambda b, g: (
                 pipe(
                     prompts,
@@ -232,7 +230,7 @@ def generation(pipes, aggregator: Aggregator, seeds: int) -> list[dict]:
         "eps averaging": ensemble(average, mode="average"),
         "weighted-sum merge": plain(merged),
         "uniform feature averaging": ensemble(uniform),
-        "afa": ensemble(afa),
+        "afa": ensemble(afa, aggregator_reads_whole=True),
     }
     rows = []
     jobs = [(p, (32, 32), [m, "uniform feature averaging", "afa"], False)
