@@ -10,6 +10,12 @@ data holds images (``.png``, ``.jpg``, ``.jpeg``, ``.webp``) with their captions
 without a caption trains with the empty prompt (the count is printed). Images are resized on
 their short side and centre-cropped to ``--size``.
 
+Per-expert captions (optional): ``NAME.1.txt``, ``NAME.2.txt``, … beside ``NAME.png`` give expert
+1, 2, … (in ``--experts`` order) its own caption, its part of the picture, while ``NAME.txt``
+describes the whole and is what the aggregators read, as a recipe's per-expert prompts do at
+inference ("a red circle" and "a blue square" for the experts, "a red circle and a blue square"
+for the aggregators). An expert without its file reads the whole caption.
+
 What it does is Wang et al. 2025, §3.4: the experts stay frozen, one SABW aggregator per block
 learns to make the blended noise prediction right (ε-MSE, or v-MSE for v-prediction experts),
 AdamW, ``--caption-drop`` of the captions replaced by the empty prompt so classifier-free
@@ -25,6 +31,7 @@ asking for more ``--steps`` goes on training.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import sys
 import time
@@ -41,22 +48,39 @@ MAX_SIZE = 2048
 ARCHITECTURE = ("width", "heads", "depth", "groups", "position_channels")
 
 
-def read_folder(folder: Path) -> tuple[list[Path], list[str], int]:
-    """The images of ``folder`` (sorted by name), their captions, and how many had none."""
+def _read_caption(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace").strip()
+
+
+def read_folder(
+    folder: Path, experts: int = 2
+) -> tuple[list[Path], list[str], list[list[str]], int]:
+    """The images of ``folder`` (sorted by name), their captions, per image each of the
+    ``experts`` experts' own caption (``NAME.k.txt``, else the image's caption), and how many
+    images had no caption."""
     if not folder.is_dir():
         raise RecipeError(f"--data: {str(folder)!r} is not a folder")
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise RecipeError(f"--data: {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    captions, missing = [], 0
+    captions, parts, missing = [], [], 0
     for image in images:
         text = image.with_suffix(".txt")
-        if text.is_file():
-            captions.append(text.read_text(encoding="utf-8", errors="replace").strip())
-        else:
-            captions.append("")
-            missing += 1
-    return images, captions, missing
+        captions.append(_read_caption(text) if text.is_file() else "")
+        missing += not text.is_file()
+        own = {}
+        for path in folder.glob(f"{glob.escape(image.stem)}.*.txt"):
+            number = path.name[len(image.stem) + 1 : -len(".txt")]
+            if not number.isdigit():
+                continue
+            if not 1 <= int(number) <= experts:
+                raise RecipeError(
+                    f"--data: {path.name} is a caption for expert {int(number)}, but there are "
+                    f"{experts} experts (NAME.1.txt … NAME.{experts}.txt)"
+                )
+            own[int(number) - 1] = _read_caption(path)
+        parts.append([own.get(k, captions[-1]) for k in range(experts)])
+    return images, captions, parts, missing
 
 
 def load_pixels(paths: list[Path], size: int) -> torch.Tensor:
@@ -99,7 +123,8 @@ def train(args: argparse.Namespace, log=print) -> dict:
         raise RecipeError(f"--save-every: {args.save_every} is not accepted; expected ≥ 1")
     if len(args.experts) < 2:
         raise RecipeError("--experts: name at least two models to aggregate")
-    paths, captions, missing = read_folder(Path(args.data))
+    paths, captions, parts, missing = read_folder(Path(args.data), len(args.experts))
+    with_parts = sum(any(p != c for p in ps) for c, ps in zip(captions, parts, strict=True))
     out = Path(args.out)
     progress_file = out / "training.json"
     state = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
@@ -161,7 +186,10 @@ def train(args: argparse.Namespace, log=print) -> dict:
     mean, std = _encode_images(ensemble.vae, paths, size, device)
     scale = ensemble.vae.config.scaling_factor
     shift = ensemble.vae.config.get("shift_factor") or 0.0
-    log(f"data: {len(paths)} images at {size}×{size}, {missing} without a caption")
+    log(
+        f"data: {len(paths)} images at {size}×{size}, {missing} without a caption, "
+        f"{with_parts} with per-expert captions"
+    )
 
     optimizer = torch.optim.AdamW(aggregator.parameters(), lr=args.lr, weight_decay=0.0)
     aggregator, optimizer = accelerator.prepare(aggregator, optimizer)
@@ -181,6 +209,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
             "data": str(Path(args.data).resolve()),
             "images": len(paths),
             "uncaptioned": missing,
+            "with_expert_captions": with_parts,
             "size": size,
             "step": step,
             "steps": args.steps,
@@ -204,8 +233,15 @@ def train(args: argparse.Namespace, log=print) -> dict:
     while step < args.steps:
         idx = torch.randint(len(mean), (args.batch,), generator=gen)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen) - shift) * scale
-        texts = ["" if rng.random() < args.caption_drop else captions[i] for i in idx]
-        conds, added = ensemble.encode_captions(texts, size, size)
+        drop = [rng.random() < args.caption_drop for _ in idx]
+        texts = ["" if d else captions[i] for d, i in zip(drop, idx, strict=True)]
+        own = None
+        if with_parts:
+            own = [
+                ["" if d else parts[i][k] for d, i in zip(drop, idx, strict=True)]
+                for k in range(len(names))
+            ]
+        conds, added, whole = ensemble.encode_captions(texts, size, size, own)
         noise = torch.randn(z0.shape, generator=gen)
         if args.offset_noise:
             noise += args.offset_noise * torch.randn((*z0.shape[:2], 1, 1), generator=gen)
@@ -214,6 +250,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
             loss = denoising_loss(
                 aggregator, unets, scheduler, z0.to(device), noise.to(device), t.to(device),
                 conds, min_snr_gamma=args.min_snr_gamma, added_cond_kwargs=added,
+                aggregator_text=whole,
             )  # fmt: skip
         if not torch.isfinite(loss):
             raise RecipeError(
@@ -264,7 +301,8 @@ def card(record: dict) -> str:
         "",
         f"- Experts: {', '.join(record['experts'])}",
         f"- Data: {record['images']} images from {record['data']} at {record['size']}² "
-        f"({record['uncaptioned']} without a caption)",
+        f"({record['uncaptioned']} without a caption, "
+        f"{record.get('with_expert_captions', 0)} with per-expert captions)",
         f"- Aggregator: {json.dumps(record['config'])}, {record['parameters']:,} parameters",
         f"- Steps: {record['step']} of {record['steps']}, batch {record['batch']}, AdamW lr {lrs}",
         f"- Loss: {record['prediction_type']} MSE, min-SNR-γ {record['min_snr_gamma'] or 'off'}, "

@@ -77,6 +77,62 @@ def test_trains_saves_binds_and_resumes(tiny_sd1, tiny_sd1_other, data, tmp_path
     assert json.loads((out / "training.json").read_text())["step"] == 5
 
 
+def test_each_expert_reads_its_own_caption_and_the_aggregators_the_whole(
+    tiny_sd1, tiny_sd1_other, tmp_path, monkeypatch
+):
+    """``NAME.k.txt`` is expert k's caption; ``NAME.txt`` goes to the aggregators (averaged over
+    the experts' text encoders, as ``aggregator_prompt`` at inference); an image without part
+    files gives every expert its caption."""
+    from pipelines.aggregation import training
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+    (folder / "00.txt").write_text("a cat and a dog")
+    (folder / "00.1.txt").write_text("a cat")
+    (folder / "00.2.txt").write_text("a dog")
+    (folder / "01.txt").write_text("a fox")
+    seen, original = [], training.denoising_loss
+
+    def spy(*args, **kwargs):
+        seen.append(([t.detach().clone() for t in args[6]], kwargs["aggregator_text"].clone()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "denoising_loss", spy)
+    args = [*common(folder, tmp_path / "agg", 4), "--caption-drop", 0]
+    assert run("--experts", tiny_sd1, tiny_sd1_other, *args) == 0
+    record = json.loads((tmp_path / "agg" / "training.json").read_text())
+    assert record["with_expert_captions"] == 1
+
+    pipes = [StableDiffusionPipeline.from_pretrained(m) for m in (tiny_sd1, tiny_sd1_other)]
+
+    def encode(k, text):
+        return pipes[k].encode_prompt(text, "cpu", 1, False)[0][0]
+
+    images = {  # per image: each expert's caption, then the whole one
+        0: (["a cat", "a dog"], "a cat and a dog"),
+        1: (["a fox", "a fox"], "a fox"),
+    }
+    drawn = set()
+    for conds, whole in seen:
+        for b in range(len(whole)):
+            match = [
+                j
+                for j, (own, _) in images.items()
+                if torch.allclose(conds[0][b], encode(0, own[0]))
+            ]
+            assert len(match) == 1
+            own, caption = images[match[0]]
+            assert torch.allclose(conds[1][b], encode(1, own[1]))
+            mean = (encode(0, caption) + encode(1, caption)) / 2
+            assert torch.allclose(whole[b], mean, atol=1e-6)
+            drawn.add(match[0])
+    assert drawn == {0, 1}
+
+
 def test_resuming_with_other_experts_is_refused(tiny_sd1, tiny_sd1_other, data, tmp_path, capsys):
     out = tmp_path / "agg"
     assert run("--experts", tiny_sd1, tiny_sd1_other, *common(data, out, 1)) == 0
@@ -101,6 +157,7 @@ def test_sdxl_experts_train_with_their_added_conditioning(tiny_sdxl, data, tmp_p
         ({"data": "empty"}, "holds no images"),
         ({"data": "broken"}, "broken.png is not a readable image"),
         ({"data": "missing"}, "is not a folder"),
+        ({"data": "expert3"}, "x.3.txt is a caption for expert 3, but there are 2 experts"),
         ({"size": 18}, "--size: 18 is not accepted; expected a multiple of 4"),
         ({"steps": 0}, "--steps: 0 is not accepted"),
         ({"experts": 1}, "at least two models"),
@@ -119,6 +176,11 @@ def test_bad_input_is_one_clear_line(
         folder = tmp_path / "broken"
         folder.mkdir()
         (folder / "broken.png").write_bytes(b"not a png")
+    elif change.get("data") == "expert3":
+        folder = tmp_path / "expert3"
+        folder.mkdir()
+        Image.new("RGB", (16, 16)).save(folder / "x.png")
+        (folder / "x.3.txt").write_text("a third expert's part")
     elif change.get("data") == "missing":
         folder = tmp_path / "nowhere"
     experts = {

@@ -170,14 +170,35 @@ class AggregationPipeline(EnsemblePipeline):
 
     @torch.no_grad()
     def encode_captions(
-        self, captions: Sequence[str], height: int, width: int
-    ) -> tuple[list[torch.Tensor], list[dict | None]]:
+        self,
+        captions: Sequence[str],
+        height: int,
+        width: int,
+        expert_captions: Sequence[Sequence[str]] | None = None,
+    ) -> tuple[list[torch.Tensor], list[dict | None], torch.Tensor | None]:
         """What a training step feeds ``walker.walk``: per expert, the embeddings of one caption
         per image (its own text encoder(s); no CFG branch) and SDXL's added conditioning for
-        ``height`` × ``width`` images (``None`` for SD 1.x/2.x)."""
+        ``height`` × ``width`` images (``None`` for SD 1.x/2.x); then the aggregators' text.
+
+        ``expert_captions`` (one list per expert): each expert reads its own caption per image
+        while the aggregators read ``captions`` encoded by every expert and averaged, as
+        ``__call__`` does with per-expert prompts and ``aggregator_prompt``. Without it every
+        expert reads ``captions`` and the aggregators' text is ``None`` (the walk's mean of the
+        experts' embeddings, which is then the same thing)."""
         batch = len(captions)
-        per_expert = [list(captions)] * len(self.experts)
-        return self._encode(per_expert, None, batch, False, height, width, self._execution_device)
+        device = self._execution_device
+        whole = [list(captions)] * len(self.experts)
+        if expert_captions is None:
+            return (*self._encode(whole, None, batch, False, height, width, device), None)
+        if len(expert_captions) != len(self.experts):
+            raise ValueError(
+                f"{len(self.experts)} experts but {len(expert_captions)} caption lists"
+            )
+        texts, added = self._encode(
+            [list(c) for c in expert_captions], None, batch, False, height, width, device
+        )
+        together, _ = self._encode(whole, None, batch, False, height, width, device)
+        return texts, added, torch.stack(together).mean(0)
 
     @torch.no_grad()
     def __call__(
