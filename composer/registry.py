@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -374,7 +375,10 @@ class Lease:
                     f"lora_{len(self.entry.adapters)}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
                 )
                 try:
-                    self.pipe.load_lora_weights(path, adapter_name=name)
+                    with warnings.catch_warnings():
+                        # peft warns on every adapter after the first; several are the point
+                        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                        self.pipe.load_lora_weights(path, adapter_name=name)
                 except (OSError, ValueError, KeyError, RuntimeError) as e:
                     raise RecipeError(
                         f"LoRA {path!r} could not be applied to this model: {_first_line(str(e))}"
