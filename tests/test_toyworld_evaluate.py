@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from toyworld.evaluate import classify, evaluate_dir, largest_component, main
+from toyworld.evaluate import classify, evaluate_dir, largest_component, main, shape_of
 from toyworld.render import COLORS, SHAPES, render
 
 PAIRS = list(itertools.product(SHAPES, COLORS))
@@ -57,6 +57,11 @@ def test_accuracy_with_noise_and_a_colour_cast():
 @pytest.mark.parametrize("value", [0, 128, 255])
 def test_blank_images_show_nothing(value):
     assert classify(Image.new("RGB", (32, 32), (value,) * 3)) == ("none", "none")
+
+
+@pytest.mark.filterwarnings("error")
+def test_an_empty_coverage_map_has_no_shape_and_no_division_by_zero():
+    assert shape_of(np.zeros((16, 16))) == "none"
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -160,7 +160,10 @@ def shape_of(weight: np.ndarray) -> str:
     """The shape of a soft coverage map, from its angular moments, or ``none`` if none fits.
 
     A cross has 4-fold symmetry too, but a far larger A₄ than a square: hence the upper bounds.
+    An empty map (nothing drawn, as in a half of a two-object picture) has no shape.
     """
+    if not weight.sum() > 0:
+        return NONE
     amplitudes, compactness = shape_moments(weight)
     if amplitudes[1] > MAX_ASYMMETRY or compactness < MIN_COMPACTNESS:
         return NONE
