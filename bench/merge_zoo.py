@@ -196,6 +196,16 @@ def write(name: str, out: dict) -> None:
     print(f"wrote {path}")
 
 
+def record(name: str, title: str, seeds: int, measure) -> None:
+    """Write ``measure()``'s results as ``bench/results/<name>-<device>.json``, with the device,
+    sampler, seeds and minutes taken."""
+    start = time.time()
+    out = {"benchmark": title, "device": device_name(), "sampler": DEFAULT_SAMPLER, "seeds": seeds}
+    out.update(measure())
+    out["minutes"] = round((time.time() - start) / 60, 1)
+    write(name, out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.merge_zoo")
     parser.add_argument("--seeds", type=int, default=64)
@@ -207,29 +217,17 @@ def main(argv: list[str] | None = None) -> None:
     registry.quiet_libraries()
     cache = registry.ModelCache()
     if args.weights:
-        start = time.time()
-        out = {
-            "benchmark": "TIES with toy-cool weighted κ, on held-out prompts (issue 5)",
-            "device": device_name(),
-            "sampler": DEFAULT_SAMPLER,
-            "seeds": args.seeds,
-            **weight_sweep(args.seeds, cache),
-        }
-        out["minutes"] = round((time.time() - start) / 60, 1)
-        write("merge-zoo-weights", out)
+        title = "TIES with toy-cool weighted κ, on held-out prompts (issue 5)"
+        record("merge-zoo-weights", title, args.seeds, lambda: weight_sweep(args.seeds, cache))
         return
     if args.sweep:
-        start = time.time()
-        out = {
-            "benchmark": "TIES / DARE-TIES density × λ sweep on the toy zoo (issue 5)",
-            "device": device_name(),
-            "sampler": DEFAULT_SAMPLER,
-            "seeds": args.seeds,
-            "experts": EXPERTS,
-            **sweep(args.seeds, cache),
-            "minutes": round((time.time() - start) / 60, 1),
-        }
-        write("merge-zoo-sweep", out)
+        title = "TIES / DARE-TIES density × λ sweep on the toy zoo (issue 5)"
+        record(
+            "merge-zoo-sweep",
+            title,
+            args.seeds,
+            lambda: {"experts": EXPERTS, **sweep(args.seeds, cache)},
+        )
         return
     start = time.time()
     rows = []
