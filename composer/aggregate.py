@@ -31,7 +31,6 @@ asking for more ``--steps`` goes on training.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import sys
 import time
@@ -63,23 +62,26 @@ def read_folder(
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise RecipeError(f"--data: {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    names = {p.name for p in folder.iterdir() if p.suffix == ".txt" and p.is_file()}
+    stems = {image.stem for image in images}
+    for name in sorted(names):
+        stem, _, number = name[: -len(".txt")].rpartition(".")
+        if stem in stems and number.isdigit() and not 1 <= int(number) <= experts:
+            raise RecipeError(
+                f"--data: {name} is a caption for expert {int(number)}, but there are "
+                f"{experts} experts (NAME.1.txt … NAME.{experts}.txt)"
+            )
     captions, parts, missing = [], [], 0
     for image in images:
         text = image.with_suffix(".txt")
-        captions.append(_read_caption(text) if text.is_file() else "")
-        missing += not text.is_file()
-        own = {}
-        for path in folder.glob(f"{glob.escape(image.stem)}.*.txt"):
-            number = path.name[len(image.stem) + 1 : -len(".txt")]
-            if not number.isdigit():
-                continue
-            if not 1 <= int(number) <= experts:
-                raise RecipeError(
-                    f"--data: {path.name} is a caption for expert {int(number)}, but there are "
-                    f"{experts} experts (NAME.1.txt … NAME.{experts}.txt)"
-                )
-            own[int(number) - 1] = _read_caption(path)
-        parts.append([own.get(k, captions[-1]) for k in range(experts)])
+        captions.append(_read_caption(text) if text.name in names else "")
+        missing += text.name not in names
+        parts.append(
+            [
+                _read_caption(folder / own) if own in names else captions[-1]
+                for own in (f"{image.stem}.{k}.txt" for k in range(1, experts + 1))
+            ]
+        )
     return images, captions, parts, missing
 
 
