@@ -7,8 +7,11 @@
 file, Hub id); all experts must share one U-Net architecture and one latent space. ``FOLDER`` of
 data holds images (``.png``, ``.jpg``, ``.jpeg``, ``.webp``) with their captions beside them in
 ``.txt`` files of the same name, the layout of kohya's trainers and A1111's captioning; an image
-without a caption trains with the empty prompt (the count is printed). Images are resized on
-their short side and centre-cropped to ``--size``.
+without a caption trains with the empty prompt (the count is printed). Images keep their aspect
+ratio: as kohya's trainers do, each goes to the bucket (a width × height in multiples of the
+model's size step, of at most ``--size``² pixels, sides at most 4:1) nearest its aspect ratio, is
+resized to cover it and centre-cropped by what is left over, and each step's batch is drawn from
+one bucket (chosen in proportion to its images). Square pictures train at ``--size``².
 
 Per-expert captions (optional): ``NAME.1.txt``, ``NAME.2.txt``, … beside ``NAME.png`` give expert
 1, 2, … (in ``--experts`` order) its own caption, its part of the picture, while ``NAME.txt``
@@ -44,6 +47,8 @@ from composer.recipe import RecipeError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_STEPS = 1_000_000
 MAX_SIZE = 2048
+MAX_ASPECT = 4  # kohya's default buckets at 512 run from 256×1024 to 1024×256
+EXIF_ORIENTATION = 0x0112
 ARCHITECTURE = ("width", "heads", "depth", "groups", "position_channels")
 
 
@@ -85,16 +90,51 @@ def read_folder(
     return images, captions, parts, missing
 
 
-def load_pixels(paths: list[Path], size: int) -> torch.Tensor:
-    """Images → (N, 3, size, size) in [-1, 1]: short side resized to ``size``, centre crop."""
+def image_sizes(paths: list[Path]) -> list[tuple[int, int]]:
+    """Each image's (width, height) as shown (EXIF rotation applied), read from its header."""
+    from PIL import Image, UnidentifiedImageError
+
+    sizes = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # turned 90°
+                    width, height = height, width
+        except (UnidentifiedImageError, OSError) as e:
+            raise RecipeError(f"--data: {path.name} is not a readable image ({e})") from None
+        sizes.append((width, height))
+    return sizes
+
+
+def buckets(size: int, step: int) -> list[tuple[int, int]]:
+    """The (width, height) buckets for training at ``size``² pixels: for every side that is a
+    multiple of ``step``, the longest other side in multiples of ``step`` that keeps the area at
+    most ``size``², kept when the sides are at most ``MAX_ASPECT``:1 (kohya's enumeration)."""
+    found = set()
+    for side in range(step, size * MAX_ASPECT + 1, step):
+        other = size * size // side // step * step
+        if other >= step and max(side, other) <= MAX_ASPECT * min(side, other):
+            found |= {(side, other), (other, side)}
+    return sorted(found)
+
+
+def nearest_bucket(width: int, height: int, choices: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest (in log ratio) the image's; the larger on a tie."""
+    aspect = np.log(width / height)
+    return min(choices, key=lambda b: (round(abs(np.log(b[0] / b[1]) - aspect), 9), -b[0] * b[1]))
+
+
+def load_pixels(paths: list[Path], width: int, height: int) -> torch.Tensor:
+    """Images → (N, 3, height, width) in [-1, 1]: resized to cover width × height, centre crop."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    out = np.empty((len(paths), height, width, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
         try:
             with Image.open(path) as image:
                 image = ImageOps.exif_transpose(image).convert("RGB")
-                out[i] = np.asarray(ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS))
+                out[i] = np.asarray(ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS))
         except (UnidentifiedImageError, OSError) as e:
             raise RecipeError(f"--data: {path.name} is not a readable image ({e})") from None
     return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -126,6 +166,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
     if len(args.experts) < 2:
         raise RecipeError("--experts: name at least two models to aggregate")
     paths, captions, parts, missing = read_folder(Path(args.data), len(args.experts))
+    sizes = image_sizes(paths)
     with_parts = sum(any(p != c for p in ps) for c, ps in zip(captions, parts, strict=True))
     out = Path(args.out)
     progress_file = out / "training.json"
@@ -185,11 +226,19 @@ def train(args: argparse.Namespace, log=print) -> dict:
             raise RecipeError(f"aggregator: {e}") from None
     aggregator.to(device).train()
 
-    mean, std = _encode_images(ensemble.vae, paths, size, device)
+    choices = buckets(size, step_size)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (width, height) in enumerate(sizes):
+        groups.setdefault(nearest_bucket(width, height, choices), []).append(i)
+    shapes = sorted(groups, key=lambda b: (-len(groups[b]), b))
+    share = np.array([len(groups[b]) for b in shapes]) / len(paths)
+    latents = {b: _encode_images(ensemble.vae, [paths[i] for i in groups[b]], *b, device)
+               for b in shapes}  # fmt: skip
     scale = ensemble.vae.config.scaling_factor
     shift = ensemble.vae.config.get("shift_factor") or 0.0
+    described = ", ".join(f"{w}×{h} ({len(groups[w, h])})" for w, h in shapes)
     log(
-        f"data: {len(paths)} images at {size}×{size}, {missing} without a caption, "
+        f"data: {len(paths)} images in buckets {described}, {missing} without a caption, "
         f"{with_parts} with per-expert captions"
     )
 
@@ -213,6 +262,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
             "uncaptioned": missing,
             "with_expert_captions": with_parts,
             "size": size,
+            "buckets": {f"{w}×{h}": len(groups[w, h]) for w, h in shapes},
             "step": step,
             "steps": args.steps,
             "batch": args.batch,
@@ -233,8 +283,11 @@ def train(args: argparse.Namespace, log=print) -> dict:
         return record
 
     while step < args.steps:
-        idx = torch.randint(len(mean), (args.batch,), generator=gen)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen) - shift) * scale
+        bucket = shapes[rng.choice(len(shapes), p=share)]
+        mean, std = latents[bucket]
+        pick = torch.randint(len(mean), (args.batch,), generator=gen)
+        z0 = (mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=gen) - shift) * scale
+        idx = [groups[bucket][j] for j in pick.tolist()]
         drop = [rng.random() < args.caption_drop for _ in idx]
         texts = ["" if d else captions[i] for d, i in zip(drop, idx, strict=True)]
         own = None
@@ -243,7 +296,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
                 ["" if d else parts[i][k] for d, i in zip(drop, idx, strict=True)]
                 for k in range(len(names))
             ]
-        conds, added, whole = ensemble.encode_captions(texts, size, size, own)
+        conds, added, whole = ensemble.encode_captions(texts, bucket[1], bucket[0], own)
         noise = torch.randn(z0.shape, generator=gen)
         if args.offset_noise:
             noise += args.offset_noise * torch.randn((*z0.shape[:2], 1, 1), generator=gen)
@@ -273,13 +326,15 @@ def train(args: argparse.Namespace, log=print) -> dict:
 
 
 @torch.no_grad()
-def _encode_images(vae, paths: list[Path], size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode_images(
+    vae, paths: list[Path], width: int, height: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE posterior's mean and std of every image (a latent is drawn afresh each step), on
     the CPU; images are read 8 at a time, so only latents are held (1000 images at 512² take
     130 MB, their pixels would take 3 GB)."""
     means, stds = [], []
     for start in range(0, len(paths), 8):
-        chunk = load_pixels(paths[start : start + 8], size)
+        chunk = load_pixels(paths[start : start + 8], width, height)
         dist = vae.encode(chunk.to(device, vae.dtype)).latent_dist
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
@@ -302,7 +357,8 @@ def card(record: dict) -> str:
         "this order, trained with `python -m composer.aggregate train`.",
         "",
         f"- Experts: {', '.join(record['experts'])}",
-        f"- Data: {record['images']} images from {record['data']} at {record['size']}² "
+        f"- Data: {record['images']} images from {record['data']}, area {record['size']}², in "
+        f"buckets {', '.join(f'{b} ({n})' for b, n in record['buckets'].items())} "
         f"({record['uncaptioned']} without a caption, "
         f"{record.get('with_expert_captions', 0)} with per-expert captions)",
         f"- Aggregator: {json.dumps(record['config'])}, {record['parameters']:,} parameters",
@@ -331,7 +387,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--batch", type=int, default=4)
     t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
+    t.add_argument(
+        "--size", type=int, default=None,
+        help="training side: buckets of at most SIZE² pixels (default: the model's)",
+    )  # fmt: skip
     t.add_argument("--width", type=int, default=64, help="aggregator channels")
     t.add_argument("--heads", type=int, default=4)
     t.add_argument("--depth", type=int, default=1)

@@ -18,7 +18,7 @@ from tests.conftest import build_sdxl
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Four 16×16 pictures (one a 24×16 that must be cropped), three with captions."""
+    """Three 16×16 pictures and a 24×16 one (3:2), three with captions."""
     folder = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     for i, size in enumerate([(16, 16), (16, 16), (24, 16), (16, 16)]):
@@ -51,10 +51,14 @@ def test_trains_saves_binds_and_resumes(tiny_sd1, tiny_sd1_other, data, tmp_path
     record = json.loads((out / "training.json").read_text())
     assert record["step"] == 3 and record["images"] == 4 and record["uncaptioned"] == 1
     assert record["size"] == 16 and record["prediction_type"] == "epsilon"
+    # The 3:2 picture trains in the bucket of ≤ 16² pixels nearest 3:2 (multiples of 4, the
+    # tiny model's size step): 20×12 (5:3), not cropped square.
+    assert record["buckets"] == {"16×16": 3, "20×12": 1}
     assert record["config"] == {"width": 8, "heads": 2, "depth": 1, "groups": 4,
                                 "position_channels": 0}  # fmt: skip
     card = (out / "README.md").read_text()
     assert "Steps: 3 of 3" in card and "4 images" in card and "1 without a caption" in card
+    assert "buckets 16×16 (3), 20×12 (1)" in card
 
     trained = Aggregator.from_pretrained(out)
     pair = unets(tiny_sd1, tiny_sd1_other)
@@ -131,6 +135,61 @@ def test_each_expert_reads_its_own_caption_and_the_aggregators_the_whole(
             assert torch.allclose(whole[b], mean, atol=1e-6)
             drawn.add(match[0])
     assert drawn == {0, 1}
+
+
+def kohya_buckets(size, low, high, step):
+    """kohya-ss sd-scripts' ``make_bucket_resolutions`` (library/model_util.py), the reference."""
+    found = {(size // step * step,) * 2}
+    for width in range(low, high + 1, step):
+        height = min(high, size * size // width // step * step)
+        if height >= low:
+            found |= {(width, height), (height, width)}
+    return sorted(found)
+
+
+def test_buckets_are_kohyas():
+    """At 512 with SD's size step 64, kohya's defaults (sides 256 … 1024) are the 4:1 limit."""
+    assert aggregate.buckets(512, 64) == kohya_buckets(512, 256, 1024, 64)
+    assert all(w * h <= 1024**2 for w, h in aggregate.buckets(1024, 64))
+    # 3:2 (log 0.405) lies nearest 640×384 (5:3, log 0.511); 576×448 is 9:7 (log 0.251).
+    assert aggregate.nearest_bucket(768, 512, aggregate.buckets(512, 64)) == (640, 384)
+    assert aggregate.nearest_bucket(300, 300, aggregate.buckets(512, 64)) == (512, 512)
+    assert aggregate.nearest_bucket(512, 4000, aggregate.buckets(512, 64)) == (256, 1024)
+
+
+def test_wide_pictures_keep_their_sides_and_train_in_their_bucket(
+    tiny_sd1, tiny_sd1_other, tmp_path, monkeypatch
+):
+    """A 3:1 picture with a red left end and a blue right end: loaded at its bucket both ends are
+    there (a square crop would keep only the white middle), and training steps see latents of
+    both the square and the wide bucket."""
+    from pipelines.aggregation import training
+
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    stripes = np.full((16, 48, 3), 255, np.uint8)
+    stripes[:, :12] = (255, 0, 0)
+    stripes[:, -12:] = (0, 0, 255)
+    for i in range(2):
+        Image.fromarray(stripes).save(folder / f"wide{i}.png")
+        Image.new("RGB", (16, 16), (0, 128, 0)).save(folder / f"square{i}.png")
+    pixels = aggregate.load_pixels([folder / "wide0.png"], 24, 8)[0]
+    assert pixels.shape == (3, 8, 24)
+    assert torch.allclose(pixels[:, :, 0], torch.tensor([1.0, -1, -1])[:, None], atol=0.05)
+    assert torch.allclose(pixels[:, :, -1], torch.tensor([-1.0, -1, 1])[:, None], atol=0.05)
+
+    seen, original = set(), training.denoising_loss
+
+    def spy(*args, **kwargs):
+        seen.add(tuple(args[3].shape[2:]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "denoising_loss", spy)
+    out = tmp_path / "agg"
+    assert run("--experts", tiny_sd1, tiny_sd1_other, *common(folder, out, 8)) == 0
+    assert json.loads((out / "training.json").read_text())["buckets"] == {"16×16": 2, "24×8": 2}
+    factor = StableDiffusionPipeline.from_pretrained(tiny_sd1).vae_scale_factor
+    assert seen == {(16 // factor, 16 // factor), (8 // factor, 24 // factor)}
 
 
 def test_resuming_with_other_experts_is_refused(tiny_sd1, tiny_sd1_other, data, tmp_path, capsys):
