@@ -54,7 +54,7 @@ from bench.single import RESULTS, device_name
 from composer import registry
 from composer.merge import methods
 from composer.merge.export import StreamingWriter, export
-from composer.merge.live import merged_unet
+from composer.merge.live import merged_model
 from composer.recipe import Merge, parse
 
 SD15 = {
@@ -204,11 +204,11 @@ def live_case(folder: Path, label: str, repeats: int) -> dict:
         for n, p in model_paths(folder).items()
         if with_base or n != "base"
     }
-    base = ("base", unets["base"]) if with_base else None
+    base = ("base", {"unet": unets["base"]}) if with_base else None
     times = []
     for i in range(repeats + 1):
-        experts = [("a", unets["a"], 1.0), ("b", unets["b"], 1.0 + 0.01 * i)]
-        with merged_unet(settings, experts, base) as merged:
+        experts = [("a", {"unet": unets["a"]}, 1.0), ("b", {"unet": unets["b"]}, 1.0 + 0.01 * i)]
+        with merged_model(settings, experts, base) as merged:
             times.append(merged.seconds)
     return {"first_s": round(times[0], 3), **median_of(times[1:])}
 

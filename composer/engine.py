@@ -122,28 +122,30 @@ def _sample_merge(
     progress: Progress | None,
     cancel: threading.Event | None,
 ) -> Result:
-    """Live weight merge (issue 5): the experts' cached U-Nets, each with its LoRAs baked in,
-    merged on their device into a scratch U-Net (``composer.merge.live``), sampled with the first
-    expert's text encoder, VAE and scheduler. The first expert's LoRAs are active on its pipeline
-    as in ``single``, so their text-encoder layers apply; the other experts' text-encoder layers
-    go unused, like those experts' text encoders."""
-    from composer.merge.live import merged_unet
+    """Live weight merge (issue 5): the experts' cached U-Nets and text encoders, each with its
+    LoRAs baked in, merged on their device into scratch modules (``composer.merge.live``),
+    sampled with the first expert's VAE and scheduler."""
+    from composer.merge.live import merged_model
+    from composer.merge.plan import COMPONENTS
+
+    def components(src: registry.Source) -> dict:
+        pipe = leases[src.location].pipe
+        return {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
 
     for lease in leases.values():
-        lease.use_loras([])
-    leases[sources[0].location].use_loras(loras[0])
+        lease.use_loras([])  # every LoRA is baked into the merge
     experts = [
-        (src.reference, leases[src.location].pipe.unet, e.weight)
+        (src.reference, components(src), e.weight)
         for src, e in zip(sources, recipe.experts, strict=True)
     ]
     files = [
         [(f"experts[{i}].loras[{j}].path", path, s) for j, (path, s) in enumerate(mine)]
         for i, mine in enumerate(loras)
     ]
-    base_unet = (base.reference, leases[base.location].pipe.unet) if base else None
+    base_model = (base.reference, components(base)) if base else None
     first = leases[sources[0].location].pipe
-    with merged_unet(recipe.merge or Merge(), experts, base_unet, files) as merged:
-        result = _sample_single(recipe, first, sources, progress, cancel, unet=merged.unet)
+    with merged_model(recipe.merge or Merge(), experts, base_model, files) as merged:
+        result = _sample_single(recipe, first, sources, progress, cancel, merged.modules)
     result.merge_seconds = merged.seconds
     return result
 
@@ -154,14 +156,13 @@ def _sample_single(
     source: registry.Source | list[registry.Source],
     progress: Progress | None,
     cancel: threading.Event | None,
-    unet=None,
+    components: dict | None = None,
 ) -> Result:
     s = recipe.sampler
-    components = {"unet": unet} if unet is not None else {}
     pipe = type(shared_pipe).from_pipe(
         shared_pipe,
         scheduler=make_scheduler(s.scheduler, shared_pipe.scheduler.config),
-        **components,
+        **(components or {}),
     )
     pipe.set_progress_bar_config(disable=True)
     native_width, native_height = native_size(pipe)

@@ -253,6 +253,37 @@ def text_layout(names: Iterable[str], prefix: str, open_clip: bool = False) -> l
     return out
 
 
+def open_clip_sources(name: str) -> tuple[tuple[str, ...], str] | None:
+    """``text_layout``'s inverse for one OpenCLIP tensor (``name`` without the prefix): the
+    transformers-layout names it is made of (``clip_inner`` spelling) and the op that made it,
+    or None for a tensor that is not a text-encoder parameter (``logit_scale``, an attention
+    mask). ``disassemble`` takes source j back out of the tensor."""
+    fixed = {ldm: (inner, op) for inner, (ldm, op) in _OPEN_CLIP_FIXED.items()}
+    if name in fixed:
+        inner, op = fixed[name]
+        return (inner,), op
+    head, dot, rest = name.removeprefix("transformer.resblocks.").partition(".")
+    if not (name.startswith("transformer.resblocks.") and head.isdigit() and dot):
+        return None
+    layer = f"text_model.encoder.layers.{head}."
+    if rest.startswith("attn.in_proj_"):
+        leaf = rest.removeprefix("attn.in_proj_")
+        return tuple(f"{layer}self_attn.{p}_proj.{leaf}" for p in "qkv"), "qkv"
+    for new, old in _OPEN_CLIP_LAYER:
+        if rest.startswith(old + "."):
+            return (layer + new + rest[len(old) :],), "copy"
+    return None
+
+
+def disassemble(op: str, value: torch.Tensor, index: int, count: int) -> torch.Tensor:
+    """Source ``index`` of ``count`` back out of a tensor that ``assemble(op, …)`` made."""
+    if op == "qkv":
+        return value.chunk(count, dim=0)[index]
+    if op == "t":
+        return value.T.contiguous()
+    return value
+
+
 def text_prefixes(xl: bool) -> dict[str, tuple[str, bool]]:
     """The text encoders of a pipeline → (prefix, OpenCLIP layout?) in its single-file layout."""
     if xl:

@@ -45,15 +45,16 @@ def test_ties_at_full_density_over_one_expert_gives_the_other(tiny_sd1, tiny_sd1
     import torch
     from diffusers import UNet2DConditionModel
 
-    from composer.merge.live import merged_unet
+    from composer.merge.live import merged_model
     from composer.recipe import Merge
 
     base = UNet2DConditionModel.from_pretrained(tiny_sd1, subfolder="unet")
     other = UNet2DConditionModel.from_pretrained(tiny_sd1_other, subfolder="unet")
     settings = Merge("ties", base="base", density=1.0)
-    with merged_unet(settings, [("base", base, 1.0), ("other", other, 1.0)], ("base", base)) as m:
+    experts = [("base", {"unet": base}, 1.0), ("other", {"unet": other}, 1.0)]
+    with merged_model(settings, experts, ("base", {"unet": base})) as m:
         assert m.seconds > 0
-        merged = m.unet.state_dict()
+        merged = m.modules["unet"].state_dict()
         for name, value in other.state_dict().items():
             torch.testing.assert_close(merged[name], value, rtol=0, atol=1e-6)
 

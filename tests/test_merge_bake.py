@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from composer import engine, registry
 from composer.__main__ import main
 from composer.merge.export import export
-from composer.merge.live import merged_unet
+from composer.merge.live import merged_model
 from composer.recipe import Merge, RecipeError, parse
 
 TO_Q_RANK_2 = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -178,10 +178,10 @@ def test_a_merge_bakes_each_experts_loras_before_merging():
     ww, wc = warm.state_dict(), cool.state_dict()
     scales = dict.fromkeys(_modules(layers), 1.0)  # no alphas in the file: α = r
     warm_purple = hand_baked(ww, layers, scales, 0.8)
-    experts = [("toy-warm", warm, 0.6), ("toy-cool", cool, 0.4)]
+    experts = [("toy-warm", {"unet": warm}, 0.6), ("toy-cool", {"unet": cool}, 0.4)]
     loras = [[("experts[0].loras[0].path", purple, 0.8)], []]
-    with merged_unet(Merge("weighted_sum"), experts, None, loras) as merged:
-        out = merged.unet.state_dict()
+    with merged_model(Merge("weighted_sum"), experts, None, loras) as merged:
+        out = merged.modules["unet"].state_dict()
         for key in ww:
             torch.testing.assert_close(
                 out[key], 0.6 * warm_purple[key] + 0.4 * wc[key], rtol=0, atol=1e-6, msg=key
@@ -208,20 +208,93 @@ def test_a_merge_with_a_lora_gives_the_same_pixels_live_and_exported(cache, tmp_
     assert np.abs(live - without).mean() > 1
 
 
-def test_text_encoder_layers_count_only_on_the_first_expert(
+def test_text_encoders_merge_like_the_unet_with_every_experts_lora(
     tiny_sd1, tiny_sd1_other, hand_lora, tmp_path
 ):
-    """A merge writes the first expert's text encoder: expert 2's LoRA changes its U-Net only."""
-    path, _, _ = hand_lora
-    experts = [{"model": tiny_sd1}, {"model": tiny_sd1_other, "loras": [{"path": path}]}]
+    """As AUTOMATIC1111's merger and supermerger do, the text encoders are merged too: weighted
+    sum 1 : 3 of tiny_sd1's encoder and tiny_sd1_other's with expert 2's LoRA text-encoder layers
+    baked in (W + s·(α/r)·B·A by hand), the same live and in the exported file."""
+    path, layers, scales = hand_lora
+    experts = [
+        {"model": tiny_sd1, "weight": 1.0},
+        {"model": tiny_sd1_other, "weight": 3.0, "loras": [{"path": path, "weight": 0.5}]},
+    ]
     recipe = parse(
         {"prompt": "a", "method": "merge", "experts": experts}, check=registry.check_reference
     )
     out = tmp_path / "merged.safetensors"
     export(recipe, out, dtype="fp32")
-    first, back = StableDiffusionPipeline.from_pretrained(tiny_sd1), load(out)
-    ours, theirs = first.text_encoder.state_dict(), back.text_encoder.state_dict()
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    pipes = [StableDiffusionPipeline.from_pretrained(m) for m in (tiny_sd1, tiny_sd1_other)]
+    first, second = (p.text_encoder.state_dict() for p in pipes)
+    baked = hand_baked(second, layers["text_encoder"], scales["text_encoder"], 0.5)
+    expected = {k: 0.25 * first[k] + 0.75 * baked[k] for k in first}
+    assert sum(not torch.equal(baked[k], second[k]) for k in second) == len(scales["text_encoder"])
+
+    components = [{"unet": p.unet, "text_encoder": p.text_encoder} for p in pipes]
+    lora_files = [[], [("experts[1].loras[0].path", path, 0.5)]]
+    with merged_model(
+        Merge("weighted_sum"), [("a", components[0], 1.0), ("b", components[1], 3.0)], None,
+        lora_files,
+    ) as live:  # fmt: skip
+        live_state = live.modules["text_encoder"].state_dict()
+        exported = load(out).text_encoder.state_dict()
+        for key, value in expected.items():
+            torch.testing.assert_close(live_state[key], value, rtol=0, atol=1e-6, msg=key)
+            torch.testing.assert_close(exported[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_block_weight_base_holds_the_text_encoders(tiny_sd1, tiny_sd1_other):
+    """supermerger's BASE weight covers the text encoder: at 0 it stays the first expert's (the
+    reference of a weighted sum) while the U-Net blocks at 1 are merged; a regex override on
+    ``text_encoder.`` names does the same for one layer."""
+    from composer.merge.blocks import names_for_config
+
+    pipes = [StableDiffusionPipeline.from_pretrained(m) for m in (tiny_sd1, tiny_sd1_other)]
+    parts = [{"unet": p.unet, "text_encoder": p.text_encoder} for p in pipes]
+    blocks = [0.0 if n == "BASE" else 1.0 for n in names_for_config(pipes[0].unet.config)]
+    layer = r"^text_encoder\.text_model\.encoder\.layers\.0\."
+    first, second = (p.text_encoder.state_dict() for p in pipes)
+    for settings, kept in (
+        (Merge("weighted_sum", block_weights=blocks), lambda k: True),
+        (
+            Merge("weighted_sum", overrides=((layer, 0.0),)),
+            lambda k: k.startswith("encoder.layers.0."),
+        ),
+    ):
+        with merged_model(settings, [("a", parts[0], 1.0), ("b", parts[1], 1.0)], None) as m:
+            text, unet = m.modules["text_encoder"].state_dict(), m.modules["unet"].state_dict()
+            for k in first:
+                expected = first[k] if kept(k) else 0.5 * (first[k] + second[k])
+                torch.testing.assert_close(text[k], expected, rtol=0, atol=1e-6, msg=k)
+            k = "down_blocks.0.resnets.0.conv1.weight"
+            mean = 0.5 * (pipes[0].unet.state_dict()[k] + pipes[1].unet.state_dict()[k])
+            torch.testing.assert_close(unet[k], mean, rtol=0, atol=1e-6)
+
+
+def test_text_encoders_that_differ_in_shape_are_refused_naming_both(tiny_sd1, tmp_path, cache):
+    """Same U-Net, a text encoder with a wider MLP: refused before any work, live and export."""
+    import shutil
+
+    from transformers import CLIPTextModel
+
+    other = tmp_path / "wide-mlp"
+    shutil.copytree(tiny_sd1, other)
+    encoder = CLIPTextModel.from_pretrained(tiny_sd1, subfolder="text_encoder")
+    config = encoder.config
+    config.intermediate_size += 8
+    CLIPTextModel(config).save_pretrained(other / "text_encoder")
+    experts = [{"model": tiny_sd1}, {"model": str(other)}]
+    recipe = parse(
+        {"prompt": "a", "method": "merge", "experts": experts}, check=registry.check_reference
+    )
+    message = r"cannot be merged: in their text encoders, .*mlp\.fc1\.\w+ is \(\d+.*\) in one"
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(RecipeError, match=message) as refused:
+        export(recipe, out)
+    assert tiny_sd1 in str(refused.value) and str(other) in str(refused.value)
+    assert not out.exists()
+    with pytest.raises(RecipeError, match=message):
+        generate(cache, experts, "merge")
 
 
 def test_a_lora_that_does_not_fit_is_refused_before_any_work(tiny_lora, cache, tmp_path):

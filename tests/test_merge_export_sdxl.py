@@ -1,5 +1,6 @@
 """``composer.merge.export`` on SDXL-shaped models: the SDXL single-file layout, both text
-encoders of the first expert, loading back through the registry, LoRAs on the second encoder."""
+encoders merged (the second's fused OpenCLIP q/k/v taken apart for it), loading back through the
+registry, LoRAs on the second encoder."""
 
 import json
 
@@ -40,8 +41,8 @@ def load(path) -> StableDiffusionXLPipeline:
     )
 
 
-def test_sdxl_export_is_the_weighted_sum_with_the_first_experts_encoders(xl_pair, tmp_path):
-    """0.3·A + 0.7·B per U-Net tensor, by hand; VAE and both text encoders are A's, bit for bit;
+def test_sdxl_export_is_the_weighted_sum_of_unets_and_text_encoders(xl_pair, tmp_path):
+    """0.3·A + 0.7·B per U-Net and text-encoder tensor, by hand; the VAE is A's, bit for bit;
     the file is an SDXL checkpoint that the registry loads back as one."""
     a, b = xl_pair
     out = tmp_path / "xl.safetensors"
@@ -62,10 +63,45 @@ def test_sdxl_export_is_the_weighted_sum_with_the_first_experts_encoders(xl_pair
     assert merged.keys() == ua.keys()
     for k in ua:
         torch.testing.assert_close(merged[k], 0.3 * ua[k] + 0.7 * ub[k], rtol=0, atol=1e-6)
-    for name in ("vae", "text_encoder", "text_encoder_2"):
-        ours, theirs = getattr(pa, name).state_dict(), getattr(back, name).state_dict()
-        assert ours.keys() == theirs.keys(), name
-        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    for name in ("text_encoder", "text_encoder_2"):
+        ea, eb = getattr(pa, name).state_dict(), getattr(pb, name).state_dict()
+        theirs = getattr(back, name).state_dict()
+        assert ea.keys() == theirs.keys(), name
+        for k in ea:
+            expected = 0.3 * ea[k] + 0.7 * eb[k] if ea[k].is_floating_point() else ea[k]
+            torch.testing.assert_close(theirs[k], expected, rtol=0, atol=1e-6, msg=k)
+    ours, theirs = pa.vae.state_dict(), back.vae.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_text_encoders_merge_alike_live_and_exported_from_single_files(xl_pair, tmp_path):
+    """DARE-TIES draws each mask from (seed, parameter name): the export gives the live merge's
+    text encoders only if it takes a single file's fused OpenCLIP q/k/v apart and names each
+    projection as the live merge does."""
+    from composer.merge.live import merged_model
+    from composer.merge.plan import COMPONENTS
+    from composer.recipe import Merge
+
+    a, b = xl_pair
+    files = []
+    for name, model in (("a", a), ("b", b)):
+        files.append(str(tmp_path / f"{name}.safetensors"))
+        export(recipe([{"model": model}], method="single"), files[-1], dtype="fp32")
+    merge = {"method": "dare_ties", "base": b, "density": 0.5, "seed": 4}
+    out = tmp_path / "dare.safetensors"
+    export(recipe([{"model": files[0]}, {"model": files[1]}], merge), out, dtype="fp32")
+    back = load(out)
+    pipes = [load(p) for p in (*files, b)]
+    parts = [{c: getattr(p, c) for c in COMPONENTS} for p in pipes]
+    settings = Merge("dare_ties", base="b", density=0.5, seed=4)
+    with merged_model(settings, [("a", parts[0], 1.0), ("b", parts[1], 1.0)], ("b", parts[2])) as m:
+        for c in COMPONENTS:
+            live, exported = m.modules[c].state_dict(), getattr(back, c).state_dict()
+            original = parts[0][c].state_dict()
+            assert any(not torch.equal(live[k], original[k]) for k in live), c
+            for k in live:
+                torch.testing.assert_close(exported[k], live[k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_sdxl_export_of_one_model_loads_back_with_identical_unet_and_pixels(xl_pair, tmp_path):

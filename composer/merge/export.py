@@ -7,9 +7,11 @@ Every input is opened with ``safe_open`` (memory-mapped) and read one parameter 
 output is written by ``StreamingWriter`` one tensor at a time, so peak RAM is a few tensors, not a
 model. Architectures and shapes (LoRAs' included) are checked before any work. The merge is
 computed in fp32 (on the GPU when there is one) and written in the asked dtype, in the original
-Stable Diffusion layout (``composer.ldm_format``: SD 1.x or SDXL), with the first expert's VAE and
-text encoder(s). An expert's LoRAs are baked into its weights as each tensor is read: ΔW is
-computed from the LoRA file for exactly the tensor being written. ``__metadata__`` holds the
+Stable Diffusion layout (``composer.ldm_format``: SD 1.x or SDXL). U-Net and text encoder(s) are
+merged, parameter by parameter under their diffusers names as the live merge does (an SDXL
+single file's fused OpenCLIP q/k/v is taken apart first, so both give the same weights); the VAE
+is the first expert's. An expert's LoRAs are baked into its weights as each tensor is read: ΔW
+is computed from the LoRA file for exactly the tensor being written. ``__metadata__`` holds the
 recipe, the sha256 of each input (U-Net weights, LoRA files) and the config folder that lets the
 registry load the file back offline.
 
@@ -36,7 +38,8 @@ from composer.merge.blocks import weight_map
 from composer.merge.plan import (
     check_compatible,
     check_settings,
-    merge_tensor,
+    merge_name,
+    merge_parameter,
     whole_model_thresholds,
 )
 from composer.recipe import Merge, Recipe, RecipeError, looks_like_hub_id
@@ -104,13 +107,12 @@ class StreamingWriter:
 
 @dataclass(frozen=True)
 class Part:
-    """One tensor of the output file other than the U-Net's: its name in the single-file layout,
-    its source tensors ((handle, key) each), the parameter name (``lora.Layers`` spelling) of
-    each source that a LoRA may change, or None, and the ``ldm_format.assemble`` op."""
+    """One tensor of the output file copied from the first expert (VAE, buffers): its name in the
+    single-file layout, its source tensors ((handle, key) each) and the ``ldm_format.assemble``
+    op."""
 
     name: str
     inputs: tuple[tuple[object, str], ...]
-    params: tuple[str | None, ...]
     op: str = "copy"
 
     def shapes(self) -> list[tuple[int, ...]]:
@@ -123,23 +125,39 @@ class Part:
         f, key = self.inputs[0]
         return _dtype(f.get_slice(key).get_dtype())
 
-    def read(self, layers: lora.Layers, device: torch.device) -> torch.Tensor:
-        """The tensor, with the LoRA layers of ``layers`` that change its sources baked in."""
-        tensors = []
-        for (f, key), param in zip(self.inputs, self.params, strict=True):
-            value = f.get_tensor(key)
-            if param in layers:
-                value = lora.baked(value.to(device), layers[param])
-            tensors.append(value)
-        return ldm_format.assemble(self.op, tensors)
+    def read(self) -> torch.Tensor:
+        return ldm_format.assemble(self.op, [f.get_tensor(key) for f, key in self.inputs])
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where one text-encoder parameter lies in a model's files: ``key`` of handle ``f``, or
+    source ``index`` of ``count`` that ``op`` assembled into it (SDXL single files' OpenCLIP)."""
+
+    f: object
+    key: str
+    op: str = "copy"
+    index: int = 0
+    count: int = 1
+
+    def shape(self) -> tuple[int, ...]:
+        shape = tuple(self.f.get_slice(self.key).get_shape())
+        if self.op == "qkv":
+            return (shape[0] // self.count, *shape[1:])
+        return tuple(reversed(shape)) if self.op == "t" else shape
+
+    def read(self) -> torch.Tensor:
+        return ldm_format.disassemble(self.op, self.f.get_tensor(self.key), self.index, self.count)
 
 
 class ModelFiles:
-    """One model's weights as memory-mapped files: U-Net tensors by diffusers name, and the
-    other tensors (VAE, text encoders) as ``Part``s of the single-file layout."""
+    """One model's weights as memory-mapped files: U-Net tensors by diffusers name, text-encoder
+    parameters by ``plan.merge_name``, and the other tensors (VAE, buffers) as ``Part``s of the
+    single-file layout."""
 
     def __init__(self, source: registry.Source, where: str, stack: ExitStack):
         self.source = source
+        self.text: dict[str, TextSource] = {}
         if source.kind == "hub":
             raise RecipeError(
                 f"{where}: {source.reference!r} is a Hub id; export needs local files (download "
@@ -167,7 +185,13 @@ class ModelFiles:
                     f"{where}: {source.reference!r} does not hold the U-Net its config "
                     f"({config_folder}) describes"
                 )
-            self.parts = [_single_file_part(f, k) for k in sorted(keys) if not k.startswith(prefix)]
+            self.parts = []
+            for key in sorted(k for k in keys if not k.startswith(prefix)):
+                sources = _single_file_text(f, key)
+                if sources:
+                    self.text.update(sources)
+                else:
+                    self.parts.append(_single_file_part(f, key))
             return
         folder = Path(source.location)
         self.config_folder = source.reference if source.kind == "bundled" else str(folder)
@@ -175,28 +199,28 @@ class ModelFiles:
         self.unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
         self._unet = _open_all(folder / "unet", "diffusion_pytorch_model", stack, where)
         vae = _open_all(folder / "vae", "diffusion_pytorch_model", stack, where)
-        layouts = {"vae": ldm_format.vae_layout(vae, _read_json(folder / "vae" / "config.json"))}
-        files = {"vae": vae}
+        vae_config = _read_json(folder / "vae" / "config.json")
+        self.parts = [
+            Part(entry.name, tuple(vae[k] for k in entry.sources), entry.op)
+            for entry in ldm_format.vae_layout(vae, vae_config)
+        ]
         xl = (folder / "text_encoder_2").is_dir()
         for component, (prefix, open_clip) in ldm_format.text_prefixes(xl).items():
-            files[component] = _open_all(folder / component, "model", stack, where)
+            files = _open_all(folder / component, "model", stack, where)
             try:
-                layouts[component] = ldm_format.text_layout(files[component], prefix, open_clip)
+                ldm_format.text_layout(files, prefix, open_clip)
             except KeyError as e:
                 raise RecipeError(
                     f"{where}: {source.reference!r} has a {component} tensor that the single-file "
                     f"layout has no name for ({e})"
                 ) from None
-        self.parts = [
-            Part(
-                entry.name,
-                tuple(files[component][k] for k in entry.sources),
-                tuple(_param(component, k) for k in entry.sources),
-                entry.op,
-            )
-            for component, layout in layouts.items()
-            for entry in layout
-        ]
+            for key, (f, k) in files.items():
+                if key.endswith(".position_ids"):
+                    if not open_clip:  # a buffer, kept as the first expert has it
+                        name = prefix + ldm_format.clip_inner(key)
+                        self.parts.append(Part(name, ((f, k),)))
+                    continue
+                self.text[merge_name(component, key)] = TextSource(f, k)
 
     def unet_names(self) -> list[str]:
         return list(self._unet)
@@ -209,31 +233,51 @@ class ModelFiles:
         f, key = self._unet[name]
         return f.get_tensor(key).to(device=device, dtype=torch.float32)
 
+    def text_names(self, component: str) -> list[str]:
+        return [n for n in self.text if n.partition(".")[0] == component]
+
+    def text_tensor(self, name: str, device: torch.device) -> torch.Tensor:
+        return self.text[name].read().to(device=device, dtype=torch.float32)
+
+    def components(self) -> list[str]:
+        """The text encoders this model has (``text_encoder``, ``text_encoder_2``)."""
+        return sorted({n.partition(".")[0] for n in self.text})
+
     def bakeable(self) -> dict[str, tuple[int, ...]]:
         """The shapes of the weights a LoRA may change, by ``lora.Layers`` name."""
         shapes = {"unet." + n: self.shape(n) for n in self._unet}
-        for part in self.parts:
-            for param, shape in zip(part.params, part.shapes(), strict=True):
-                if param is not None:
-                    shapes[param] = shape
+        shapes.update({n: t.shape() for n, t in self.text.items()})
         return shapes
 
 
-def _param(component: str, key: str) -> str:
-    return f"{component}.{ldm_format.clip_inner(key)}" if component != "vae" else f"vae.{key}"
+def _single_file_text(f, key: str) -> dict[str, TextSource]:
+    """The text-encoder parameters that tensor ``key`` of a single file holds, by
+    ``plan.merge_name``: one for the transformers layout (SD 1.x, SDXL's first encoder), up to
+    three for SDXL's OpenCLIP encoder, whose layers fuse q, k and v; none for other tensors and
+    buffers (position ids, ``logit_scale``)."""
+    if key.endswith(".position_ids"):
+        return {}
+    for prefix, component in ((ldm_format.TEXT_PREFIX, "text_encoder"),
+                              (ldm_format.XL_TEXT_PREFIX, "text_encoder")):  # fmt: skip
+        if key.startswith(prefix):
+            return {merge_name(component, key[len(prefix) :]): TextSource(f, key)}
+    if key.startswith(ldm_format.XL_TEXT_2_PREFIX):
+        found = ldm_format.open_clip_sources(key[len(ldm_format.XL_TEXT_2_PREFIX) :])
+        if found:
+            names, op = found
+            return {
+                merge_name("text_encoder_2", n): TextSource(f, key, op, j, len(names))
+                for j, n in enumerate(names)
+            }
+    return {}
 
 
 def _single_file_part(f, key: str) -> Part:
-    """A non-U-Net tensor of a single-file input, written as it is. Its CLIP text encoder's
-    weights (SD 1.x's, SDXL's first) keep diffusers' names under a prefix, so LoRAs can be baked
-    into them; SDXL's OpenCLIP encoder fuses q, k and v, so it cannot take LoRA layers here. The
-    VAE's mid-block attention is normalised to 1×1 convolutions (some files store it Linear)."""
-    param = None
-    for prefix in (ldm_format.TEXT_PREFIX, ldm_format.XL_TEXT_PREFIX):
-        if key.startswith(prefix):
-            param = "text_encoder." + key[len(prefix) :]
+    """A tensor of a single-file input other than the U-Net and text-encoder parameters, written
+    as it is. The VAE's mid-block attention is normalised to 1×1 convolutions (some files store
+    it Linear)."""
     is_vae_attention = key.startswith(ldm_format.VAE_PREFIX) and ".mid.attn_1." in key
-    return Part(key, ((f, key),), (param,), "conv" if is_vae_attention else "copy")
+    return Part(key, ((f, key),), "conv" if is_vae_attention else "copy")
 
 
 def _read_json(path: Path) -> dict:
@@ -264,8 +308,8 @@ def _open_all(folder: Path, stem: str, stack: ExitStack, where: str) -> dict:
 def export(recipe: Recipe, out: str | Path, dtype: str = "fp16", device: str | None = None) -> dict:
     """Stream ``recipe`` into ``out``: the merge of its experts (``method: merge``), or its one
     expert (``method: single``, what ``composer lora bake`` writes). Each expert's LoRAs are baked
-    into that expert's weights as each tensor is read (``lora.baked``); the file's text encoders
-    are the first expert's, with its LoRAs' text-encoder layers. Returns what was done."""
+    into that expert's weights (U-Net and text encoders) as each tensor is read (``lora.baked``).
+    Returns what was done."""
     if recipe.method not in ("merge", "single"):
         raise RecipeError(
             f"method: {recipe.method!r} is not accepted; export needs 'merge', or 'single' to bake "
@@ -289,17 +333,24 @@ def export(recipe: Recipe, out: str | Path, dtype: str = "fp16", device: str | N
             else None
         )
         models = [*experts, *([base] if base else [])]
+        first = experts[0]
         check_compatible(
             [(m.source.reference, {n: m.shape(n) for n in m.unet_names()}) for m in models]
         )
+        components = first.components()
+        for component in components:
+            check_compatible(
+                [
+                    (m.source.reference, {n: m.text[n].shape() for n in m.text_names(component)})
+                    for m in models
+                ],
+                component,
+            )
         loras = [_lora_files(e, i) for i, e in enumerate(recipe.experts)]
         layers = [
-            lora.bake_plan(
-                loras[i], m.bakeable(), m.source.reference, () if i == 0 else lora.TEXT_ENCODERS
-            )
+            lora.bake_plan(loras[i], m.bakeable(), m.source.reference)
             for i, m in enumerate(experts)
         ]
-        first = experts[0]
         try:
             block_weight = weight_map(first.config, settings.block_weights, settings.overrides)
         except ValueError as e:
@@ -309,18 +360,51 @@ def export(recipe: Recipe, out: str | Path, dtype: str = "fp16", device: str | N
         weights = [e.weight for e in recipe.experts]
 
         def expert(i: int, n: str) -> torch.Tensor:
+            if n in experts[i].text:
+                return lora.baked(experts[i].text_tensor(n, dev), layers[i].get(n, ()))
             return lora.baked(experts[i].unet(n, dev), layers[i].get("unet." + n, ()))
 
-        thresholds = None
+        def reference(n: str) -> torch.Tensor:
+            return base.text_tensor(n, dev) if n in base.text else base.unet(n, dev)
+
+        groups = {"unet": names, **{c: first.text_names(c) for c in components}}
+        thresholds = dict.fromkeys(groups)
         if settings.method in ("ties", "consensus") and settings.trim_scope == "model":
-            thresholds = whole_model_thresholds(
-                names, lambda n, i: expert(i, n) - base.unet(n, dev), len(experts), settings.density
+            for c, group in groups.items():
+                thresholds[c] = whole_model_thresholds(
+                    group, lambda n, i: expert(i, n) - reference(n), len(experts), settings.density
+                )
+
+        def merged(c: str, n: str) -> torch.Tensor:
+            if recipe.method == "single":
+                return expert(0, n)
+            return merge_parameter(
+                settings,
+                n,
+                reference(n) if base else None,
+                [expert(i, n) for i in range(len(experts))],
+                weights,
+                block_weight(n),
+                thresholds[c],
+                shortcut=c != "unet",
             )
 
         def out_dtype(source_dtype: torch.dtype) -> torch.dtype:
             return target if source_dtype.is_floating_point else source_dtype
 
+        text_entries = [
+            (c, entry)
+            for c, (prefix, open_clip) in ldm_format.text_prefixes(len(components) > 1).items()
+            for entry in ldm_format.text_layout(
+                [n.partition(".")[2] for n in first.text_names(c)], prefix, open_clip
+            )
+        ]
         entries = [(ldm_format.UNET_PREFIX + ldm_names[n], target, first.shape(n)) for n in names]
+        entries += [
+            (e.name, target,
+             ldm_format.assembled_shape(e.op, [first.text[f"{c}.{k}"].shape() for k in e.sources]))
+            for c, e in text_entries
+        ]  # fmt: skip
         entries += [(p.name, out_dtype(p.dtype()), p.shape()) for p in first.parts]
         inputs = {m.source.reference: registry.file_sha256(m.unet_file) for m in models}
         inputs.update(
@@ -339,21 +423,13 @@ def export(recipe: Recipe, out: str | Path, dtype: str = "fp16", device: str | N
         try:
             with torch.no_grad():
                 for n in names:
-                    if recipe.method == "single":
-                        value = expert(0, n)
-                    else:
-                        value = merge_tensor(
-                            settings,
-                            n,
-                            base.unet(n, dev) if base else None,
-                            [expert(i, n) for i in range(len(experts))],
-                            weights,
-                            block_weight(n),
-                            thresholds,
-                        )
+                    value = merged("unet", n)
                     writer.write(ldm_format.UNET_PREFIX + ldm_names[n], value.to(target))
+                for c, e in text_entries:
+                    value = ldm_format.assemble(e.op, [merged(c, f"{c}.{k}") for k in e.sources])
+                    writer.write(e.name, value.to(target))
                 for part in first.parts:
-                    writer.write(part.name, part.read(layers[0], dev).to(out_dtype(part.dtype())))
+                    writer.write(part.name, part.read().to(out_dtype(part.dtype())))
             writer.close()
         except BaseException:
             writer.abort()

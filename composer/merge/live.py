@@ -1,39 +1,51 @@
-"""The live merge: the experts' cached U-Nets merged on their device into one scratch U-Net.
+"""The live merge: the experts' cached U-Nets and text encoders merged on their device into one
+scratch model.
 
-The sources are the U-Nets the model cache already holds (on the GPU when there is one), so
+The sources are the modules the model cache already holds (on the GPU when there is one), so
 changing a merge parameter and generating again reads nothing from disk; they are only read,
-never written. The result goes into a scratch ``UNet2DConditionModel`` built once per
+never written. The result goes into scratch modules (a U-Net and the text encoder(s), as
+AUTOMATIC1111's checkpoint merger and supermerger merge the whole checkpoint) built once per
 architecture, device and dtype and reused; a request holds its slot's lock from the merge to the
 last sampling step, so two requests with different merges never see each other's weights, and a
 request whose merge equals the slot's current one skips the computation.
 
-An expert's LoRAs are baked into its U-Net weights as each tensor is merged (``lora.baked``, the
-same per-tensor function the export uses), from LoRA files read once and kept
-(``lora.read_lora_cached``); the cached U-Nets stay as they are.
+An expert's LoRAs are baked into its weights (U-Net and text encoders) as each tensor is merged
+(``lora.baked``, the same per-tensor function the export uses), from LoRA files read once and
+kept (``lora.read_lora_cached``); the cached modules stay as they are.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import ModelMixin
 
 from composer.merge import lora
 from composer.merge.blocks import weight_map
-from composer.merge.plan import check_compatible, merge_tensor, whole_model_thresholds
+from composer.merge.plan import (
+    COMPONENTS,
+    check_compatible,
+    lora_name,
+    merge_name,
+    merge_parameter,
+    whole_model_thresholds,
+)
 from composer.recipe import Merge, RecipeError
 
+Modules = Mapping[str, torch.nn.Module]
+"""A model's merged components by pipeline attribute: ``unet``, ``text_encoder``(, ``_2``)."""
 
-def base_weights(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """The U-Net's own parameters by diffusers name, without any loaded LoRA adapters (PEFT keeps
-    the original weight as ``….base_layer.weight`` and adds ``lora_A``/``lora_B``)."""
+
+def base_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's own parameters by name, without any loaded LoRA adapters (PEFT keeps the
+    original weight as ``….base_layer.weight`` and adds ``lora_A``/``lora_B``)."""
     out = {}
-    for name, tensor in unet.state_dict().items():
+    for name, tensor in module.state_dict().items():
         if ".lora_" in name or "lora_magnitude_vector" in name:
             continue
         out[name.replace(".base_layer.", ".")] = tensor
@@ -42,7 +54,7 @@ def base_weights(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
 
 @dataclass
 class _Slot:
-    unet: UNet2DConditionModel
+    modules: dict[str, torch.nn.Module]
     lock: threading.Lock = field(default_factory=threading.Lock)
     key: object = None
 
@@ -50,110 +62,148 @@ class _Slot:
 _SLOTS: dict[tuple, _Slot] = {}
 _SLOTS_LOCK = threading.Lock()
 MAX_SLOTS = 1
-"""Scratch U-Nets kept (one per architecture/device/dtype; the oldest is dropped beyond this)."""
+"""Scratch models kept (one per architecture/device/dtype; the oldest is dropped beyond this)."""
 
 
-def _slot(config: dict, device: torch.device, dtype: torch.dtype) -> _Slot:
-    key = (repr(sorted((k, repr(v)) for k, v in config.items())), str(device), str(dtype))
+def _empty_like(module: torch.nn.Module) -> torch.nn.Module:
+    """A new module of ``module``'s class and config (diffusers or transformers), same place."""
+    if isinstance(module, ModelMixin):
+        new = type(module).from_config(module.config)
+    else:
+        new = type(module)(module.config)
+    return new.to(device=module.device, dtype=module.dtype).eval().requires_grad_(False)
+
+
+def _architecture(module: torch.nn.Module) -> str:
+    """What a scratch module is built from: its class and config, less the bookkeeping entries
+    (``_name_or_path``, versions, the saved dtype) that differ between models of one
+    architecture."""
+    config = dict(module.config) if isinstance(module, ModelMixin) else module.config.to_dict()
+    bookkeeping = {"transformers_version", "dtype", "torch_dtype"}
+    kept = sorted(
+        (k, repr(v)) for k, v in config.items() if not k.startswith("_") and k not in bookkeeping
+    )
+    return f"{type(module).__name__}{kept}"
+
+
+def _slot(first: Modules) -> _Slot:
+    key = tuple((c, _architecture(m), str(m.device), str(m.dtype)) for c, m in first.items())
     with _SLOTS_LOCK:
         slot = _SLOTS.get(key)
         if slot is None:
             while len(_SLOTS) >= MAX_SLOTS:
                 _SLOTS.pop(next(iter(_SLOTS)))
-            unet = UNet2DConditionModel.from_config(config).to(device=device, dtype=dtype).eval()
-            slot = _SLOTS[key] = _Slot(unet.requires_grad_(False))
+            slot = _SLOTS[key] = _Slot({c: _empty_like(m) for c, m in first.items()})
         return slot
 
 
 @dataclass
 class LiveMerge:
-    unet: UNet2DConditionModel
+    modules: dict[str, torch.nn.Module]
+    """The merged components, by pipeline attribute (``unet``, ``text_encoder``…)."""
     seconds: float
     """Time spent merging (0 when the slot already held this merge)."""
 
 
 @contextmanager
-def merged_unet(
+def merged_model(
     settings: Merge,
-    experts: Sequence[tuple[str, UNet2DConditionModel, float]],
-    base: tuple[str, UNet2DConditionModel] | None,
+    experts: Sequence[tuple[str, Modules, float]],
+    base: tuple[str, Modules] | None,
     loras: Sequence[Sequence[tuple[str, str, float]]] = (),
 ) -> Iterator[LiveMerge]:
-    """Hold a scratch U-Net holding the merge of ``experts`` ((name, U-Net, weight)) over
-    ``base`` ((name, U-Net) or None) for the duration of the ``with`` block. ``loras[i]`` are
-    expert i's LoRAs ((recipe field, file, strength)), baked into its U-Net weights; their
-    text-encoder layers are not this function's business (the caller's pipeline applies them)."""
-    first = experts[0][1]
-    sources = [(name, base_weights(unet)) for name, unet, _ in experts]
-    base_sd = base_weights(base[1]) if base else None
-    check_compatible(
-        [(n, {k: tuple(v.shape) for k, v in sd.items()}) for n, sd in sources]
-        + ([(base[0], {k: tuple(v.shape) for k, v in base_sd.items()})] if base else [])
-    )
+    """Hold scratch modules holding the merge of ``experts`` ((name, components, weight)) over
+    ``base`` ((name, components) or None) for the duration of the ``with`` block. The components
+    merged are the first expert's (``COMPONENTS`` order, U-Net first); every other model must
+    have them with the same parameters. ``loras[i]`` are expert i's LoRAs ((recipe field, file,
+    strength)), baked into its U-Net and text-encoder weights."""
+    first = {c: experts[0][1][c] for c in COMPONENTS if experts[0][1].get(c) is not None}
+    models = [(name, mods) for name, mods, _ in experts] + ([base] if base else [])
+    for name, mods in models:
+        missing = [c for c in first if mods.get(c) is None]
+        if missing:
+            raise RecipeError(
+                f"experts: {experts[0][0]!r} and {name!r} cannot be merged: {name!r} has no "
+                f"{missing[0]}"
+            )
+    weights = {c: [(n, base_weights(mods[c])) for n, mods in models] for c in first}
+    for c, state in weights.items():
+        check_compatible([(n, {k: tuple(v.shape) for k, v in sd.items()}) for n, sd in state], c)
+    sources = [{c: weights[c][i][1] for c in first} for i in range(len(experts))]
+    base_sd = {c: weights[c][-1][1] for c in first} if base else None
     loras = list(loras) or [()] * len(experts)
     layers = [
         lora.bake_plan(
-            files, {"unet." + k: tuple(v.shape) for k, v in sd.items()}, name, lora.TEXT_ENCODERS
+            files,
+            {lora_name(c, k): tuple(v.shape) for c, sd in sd_by_c.items() for k, v in sd.items()},
+            name,
         )
-        for (name, sd), files in zip(sources, loras, strict=True)
+        for (name, _, _), sd_by_c, files in zip(experts, sources, loras, strict=True)
     ]
     try:
-        block_weight = weight_map(first.config, settings.block_weights, settings.overrides)
+        block_weight = weight_map(first["unet"].config, settings.block_weights, settings.overrides)
     except ValueError as e:
         raise RecipeError(f"merge.block_weights: {e}") from None
-    slot = _slot(dict(first.config), first.device, first.dtype)
+    slot = _slot(first)
     key = (
         settings,
-        tuple((id(unet), w) for _, unet, w in experts),
+        tuple((tuple(id(mods[c]) for c in first), w) for _, mods, w in experts),
         tuple(tuple((path, s) for _, path, s in files) for files in loras),
-        id(base[1]) if base else None,
+        tuple(id(base[1][c]) for c in first) if base else None,
     )
     with slot.lock:
         seconds = 0.0
         if slot.key != key:
             start = time.perf_counter()
             slot.key = None  # a merge that fails half-way must not be taken for a finished one
-            _fill(
-                slot.unet,
-                settings,
-                sources,
-                layers,
-                [w for _, _, w in experts],
-                base_sd,
-                block_weight,
-            )
-            if first.device.type == "cuda":
-                torch.cuda.synchronize(first.device)
+            for c, target in slot.modules.items():
+                _fill(
+                    c,
+                    target,
+                    settings,
+                    [sd[c] for sd in sources],
+                    layers,
+                    [w for _, _, w in experts],
+                    base_sd[c] if base_sd else None,
+                    block_weight,
+                )
+            device = first["unet"].device
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
             slot.key = key
-        yield LiveMerge(slot.unet, seconds)
+        yield LiveMerge(dict(slot.modules), seconds)
 
 
 @torch.no_grad()
-def _fill(target, settings, sources, layers, weights, base_sd, block_weight) -> None:
-    names = list(sources[0][1])
-    experts = [sd for _, sd in sources]
+def _fill(component, target, settings, experts, layers, weights, base_sd, block_weight) -> None:
+    keys = list(experts[0])
 
-    def expert(i: int, name: str) -> torch.Tensor:
-        return lora.baked(experts[i][name], layers[i].get("unet." + name, ()))
+    def expert(i: int, key: str) -> torch.Tensor:
+        value = experts[i][key]
+        return lora.baked(value, layers[i].get(lora_name(component, key), ()))
 
     thresholds = None
     if settings.method in ("ties", "consensus") and settings.trim_scope == "model":
+        floats = [k for k in keys if experts[0][k].is_floating_point()]
         thresholds = whole_model_thresholds(
-            names,
-            lambda n, i: expert(i, n) - base_sd[n].float(),
+            floats,
+            lambda k, i: expert(i, k) - base_sd[k].float(),
             len(experts),
             settings.density,
         )
     out = target.state_dict()
-    for name in names:
-        value = merge_tensor(
+    for key in keys:
+        name = merge_name(component, key)
+        value = merge_parameter(
             settings,
             name,
-            base_sd[name].float() if base_sd is not None else None,
-            [expert(i, name) for i in range(len(experts))],
+            base_sd[key] if base_sd is not None else None,
+            [experts[i][key] if not experts[i][key].is_floating_point() else expert(i, key)
+             for i in range(len(experts))],
             weights,
             block_weight(name),
             thresholds,
-        )
-        out[name].copy_(value.to(out[name].dtype))
+            shortcut=component != "unet",
+        )  # fmt: skip
+        out[key].copy_(value.to(out[key].dtype))

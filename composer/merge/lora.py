@@ -265,15 +265,12 @@ def bake_plan(
     loras: Iterable[tuple[str, str, float]],
     shapes: Mapping[str, tuple[int, ...]],
     model: str,
-    unused: Sequence[str] = (),
 ) -> Layers:
     """Read ``loras`` ((where, path, strength): ``where`` names the recipe field for messages)
     and place every layer on the weight it changes, before any tensor is computed.
 
-    ``shapes`` holds the weights that can be baked (``Layers`` names); layers of a component in
-    ``unused`` are left out (a merge samples with the first expert's text encoder, so the other
-    experts' text-encoder layers have nowhere to go, like those experts' own text encoders). A
-    layer with no weight of its shape in ``shapes`` is a ``RecipeError``: the LoRA does not fit."""
+    ``shapes`` holds the weights that can be baked (``Layers`` names). A layer with no weight of
+    its shape in ``shapes`` is a ``RecipeError``: the LoRA does not fit."""
     plan: Layers = {}
     components = sorted({k.partition(".")[0] for k in shapes})
     for where, path, strength in loras:
@@ -282,8 +279,6 @@ def bake_plan(
         except (OSError, ValueError, KeyError) as e:
             raise RecipeError(f"{where}: {path!r} could not be read as a LoRA ({e})") from None
         for module, pair in pairs.items():
-            if module.partition(".")[0] in unused:
-                continue
             name = parameter_of(module)
             shape = shapes.get(name)
             if shape is None:

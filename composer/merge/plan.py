@@ -2,8 +2,9 @@
 
 The same functions serve the live merge (tensors already on the device, ``composer.engine``) and
 the export (tensors streamed from files, ``composer.merge.export``): ``check_compatible`` before
-any work, ``whole_model_thresholds`` when TIES trims over the whole model, then ``merge_tensor``
-for each parameter name.
+any work, ``whole_model_thresholds`` when TIES trims over the whole model, then
+``merge_parameter`` for each parameter name. A model is merged component by component
+(``COMPONENTS``): U-Net and text encoder(s), each with its own whole-model trim thresholds.
 """
 
 from __future__ import annotations
@@ -12,8 +13,18 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from composer.ldm_format import clip_inner
 from composer.merge import methods as m
 from composer.recipe import Merge, RecipeError
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+"""What a merge merges, as pipeline attributes: the U-Net and the text encoder(s). The VAE is
+the first expert's (merged experts share one latent space)."""
+_SHOWN = {
+    "unet": "U-Nets",
+    "text_encoder": "text encoders",
+    "text_encoder_2": "second text encoders",
+}
 
 NEEDS_BASE = frozenset(
     {"add_difference", "task_arithmetic", "ties", "dare", "dare_ties", "model_stock", "consensus"}
@@ -33,10 +44,26 @@ def check_settings(settings: Merge, n_experts: int, has_base: bool) -> None:
         raise RecipeError(f"experts: merge method {settings.method!r} takes exactly 2 experts")
 
 
-def check_compatible(models: Sequence[tuple[str, Mapping[str, tuple[int, ...]]]]) -> None:
+def merge_name(component: str, key: str) -> str:
+    """The name a parameter is merged under (block weights, overrides, DARE's mask seed): U-Net
+    parameters by their diffusers name, text-encoder ones as ``text_encoder.text_model.…`` (the
+    ``clip_inner`` spelling, the same for every transformers version and file layout)."""
+    return key if component == "unet" else f"{component}.{clip_inner(key)}"
+
+
+def lora_name(component: str, key: str) -> str:
+    """The parameter's name in ``lora.Layers``."""
+    return f"unet.{key}" if component == "unet" else merge_name(component, key)
+
+
+def check_compatible(
+    models: Sequence[tuple[str, Mapping[str, tuple[int, ...]]]], component: str = "unet"
+) -> None:
     """Refuse models whose parameters differ, naming both models and the first mismatch.
 
-    ``models`` is ``[(display name, {parameter name: shape})]``; the first is the reference."""
+    ``models`` is ``[(display name, {parameter name: shape})]`` of one ``component``; the first
+    is the reference."""
+    shown = _SHOWN.get(component, component)
     (first, shapes), rest = models[0], models[1:]
     for other, theirs in rest:
         missing = sorted(set(shapes) - set(theirs))
@@ -44,16 +71,47 @@ def check_compatible(models: Sequence[tuple[str, Mapping[str, tuple[int, ...]]]]
         if missing or extra:
             what = f"{first} has {missing[0]}" if missing else f"{other} has {extra[0]}"
             raise RecipeError(
-                f"experts: {first!r} and {other!r} cannot be merged: their U-Nets have different "
+                f"experts: {first!r} and {other!r} cannot be merged: their {shown} have different "
                 f"parameters ({what}, the other does not; SD 1.x, SD 2.x and SDXL do not merge "
                 "with each other)"
             )
         for name, shape in shapes.items():
             if tuple(theirs[name]) != tuple(shape):
                 raise RecipeError(
-                    f"experts: {first!r} and {other!r} cannot be merged: {name} is "
-                    f"{tuple(shape)} in one and {tuple(theirs[name])} in the other"
+                    f"experts: {first!r} and {other!r} cannot be merged: in their {shown}, "
+                    f"{name} is {tuple(shape)} in one and {tuple(theirs[name])} in the other"
                 )
+
+
+def merge_parameter(
+    settings: Merge,
+    name: str,
+    base: torch.Tensor | None,
+    experts: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    block_weight: float = 1.0,
+    thresholds: torch.Tensor | None = None,
+    shortcut: bool = False,
+) -> torch.Tensor:
+    """One parameter of a whole-model merge. A buffer that is not floating point (position ids)
+    is the first expert's. With ``shortcut`` (text encoders, which experts often share), a
+    parameter that every model, base included, holds alike is that value: what every method
+    gives, without rounding (a weighted sum by thirds) or the 0/0 of task vectors that are all
+    zero. Otherwise ``merge_tensor`` in fp32."""
+    if not experts[0].is_floating_point():
+        return experts[0]
+    others = [*experts[1:], *([base] if base is not None else [])]
+    if shortcut and all(torch.equal(experts[0], t.to(experts[0].dtype)) for t in others):
+        return experts[0]
+    return merge_tensor(
+        settings,
+        name,
+        base.float() if base is not None else None,
+        [t.float() for t in experts],
+        weights,
+        block_weight,
+        thresholds,
+    )
 
 
 def merge_tensor(
