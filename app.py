@@ -931,7 +931,8 @@ def build() -> gr.Blocks:
                             remove = gr.Button("Remove expert", size="sm")
                     with gr.Tab("Merge", id="merge") as tab_merge:
                         gr.Markdown(
-                            "Merge the experts' weights, then sample the result as one model. "
+                            "Merge the experts' weights (U-Nets and text encoders; the VAE is "
+                            "the first expert's), then sample the result as one model. "
                             "Task-vector methods need the experts' common **base**. The merge "
                             "is computed live on the loaded models; **Export** writes it as "
                             "one fp16 `.safetensors` file."
