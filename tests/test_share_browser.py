@@ -104,7 +104,9 @@ def test_a_share_link_opens_the_same_generation_in_a_fresh_browser(browser, base
 
     context, page = fresh_page(browser)
     page.goto(link)
-    expect(page.get_by_label("Prompt", exact=True)).to_have_value("a red shape")
+    # The page fills its controls from the link after it loads; on a busy 2-core machine that
+    # has taken more than the default 5 s.
+    expect(page.get_by_label("Prompt", exact=True)).to_have_value("a red shape", timeout=30_000)
     expect(page.get_by_role("tab", selected=True)).to_have_text("Superpose")
     expect(page.get_by_label("AND: both at once (equal densities)")).to_be_checked()
     expect(page.get_by_label("Prompt (empty: main prompt)").nth(1)).to_have_value("a circle")
@@ -136,7 +138,7 @@ def test_a_recipe_link_sets_the_controls_in_a_fresh_browser(browser, base_url):
     )
     context, page = fresh_page(browser)
     page.goto(recipe_link(base_url, recipe))
-    expect(page.get_by_label("Prompt", exact=True)).to_have_value("merged shapes")
+    expect(page.get_by_label("Prompt", exact=True)).to_have_value("merged shapes", timeout=30_000)
     expect(page.get_by_role("tab", selected=True)).to_have_text("Merge")
     expect(page.get_by_label("Method", exact=True)).to_have_value("dare_ties")
     expect(page.get_by_label("number input for Density (kept fraction)")).to_have_value("0.35")
@@ -164,7 +166,7 @@ def test_a_recipe_link_sets_the_controls_in_a_fresh_browser(browser, base_url):
 def test_a_link_that_cannot_be_opened_says_why_on_the_page(browser, base_url, query, message):
     context, page = fresh_page(browser)
     page.goto(f"{base_url}/?{query}")
-    expect(page.get_by_text("This link cannot be opened")).to_contain_text(message)
+    expect(page.get_by_text("This link cannot be opened")).to_contain_text(message, timeout=30_000)
     expect(page.get_by_label("Prompt", exact=True)).to_have_value("a red circle")
     expect(page.get_by_role("button", name="Re-run")).to_be_hidden()
     context.close()

@@ -257,10 +257,9 @@ def _single_file_text(f, key: str) -> dict[str, TextSource]:
     buffers (position ids, ``logit_scale``)."""
     if key.endswith(".position_ids"):
         return {}
-    for prefix, component in ((ldm_format.TEXT_PREFIX, "text_encoder"),
-                              (ldm_format.XL_TEXT_PREFIX, "text_encoder")):  # fmt: skip
+    for prefix in (ldm_format.TEXT_PREFIX, ldm_format.XL_TEXT_PREFIX):
         if key.startswith(prefix):
-            return {merge_name(component, key[len(prefix) :]): TextSource(f, key)}
+            return {merge_name("text_encoder", key[len(prefix) :]): TextSource(f, key)}
     if key.startswith(ldm_format.XL_TEXT_2_PREFIX):
         found = ldm_format.open_clip_sources(key[len(ldm_format.XL_TEXT_2_PREFIX) :])
         if found:
