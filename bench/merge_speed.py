@@ -2,19 +2,22 @@
 
     python -m bench.merge_speed [--arch toy|sd15|sdxl] [--repeats 3] [--keep DIR] [--cases ...]
 
-The benchmark makes its own checkpoints: three random fp16 U-Nets of the architecture's shape,
+The benchmark makes its own checkpoints: three random fp16 models of the architecture's shape,
 ``base`` and two experts ``a`` and ``b`` (the base plus independent noise, so they have task
-vectors), written tensor by tensor as diffusers folders whose VAE and text encoder are the toy
-zoo's (nothing is downloaded; the U-Net is what a merge computes, the rest is copied). Then, on
-this machine's device, each timing ``--repeats`` times, reporting the median:
+vectors), written tensor by tensor as diffusers folders: U-Net and text encoder(s) of the real
+shapes (SD 1.5: CLIP ViT-L; SDXL: CLIP ViT-L and OpenCLIP ViT-bigG), which a merge computes,
+and the toy zoo's VAE, which it copies (nothing is downloaded; ``toy`` keeps the toy zoo's text
+encoder, the same in all three). Then, on this machine's device, each timing ``--repeats``
+times, reporting the median:
 
-- ``live``: the live merge into the scratch U-Net with the sources already loaded (the first
-  merge also builds the scratch U-Net and is reported apart as ``first_s``; every later one
-  changes a weight, so it is a new merge: what moving a slider and generating again costs);
+- ``live``: the live merge into the scratch modules with the sources already loaded (the first
+  merge also builds them and is reported apart as ``first_s``; every later one changes a
+  weight, so it is a new merge: what moving a slider and generating again costs); ``s`` is the
+  whole model (what the page does), ``unet_s`` the U-Net alone (the issue's TIES target);
 - ``export``: ``composer.merge.export`` to fp16 (the first run warms the page cache and is not
   timed; each timed run hashes its inputs for ``__metadata__`` as every CLI export does);
 - ``baseline``: the plain loop other tools run (load every state dict fully, merge, save with
-  ``safetensors.torch.save_file``), same inputs, for the ratios.
+  ``safetensors.torch.save_file``), same inputs and components, for the ratios.
 
 Each of these runs in a fresh process, whose ``peak_anon_mib`` is its peak anonymous
 (non-file-backed) RSS above the level after the imports, sampled every 10 ms from
@@ -89,6 +92,44 @@ NOISE = 0.01
 """Task-vector scale: each expert is the base plus this much standard normal noise."""
 
 
+CLIP_L = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+}
+OPEN_CLIP_BIG_G = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+}
+TEXT_ENCODERS = {
+    "toy": {},
+    "sd15": {"text_encoder": ("CLIPTextModel", CLIP_L)},
+    "sdxl": {
+        "text_encoder": ("CLIPTextModel", CLIP_L),
+        "text_encoder_2": ("CLIPTextModelWithProjection", OPEN_CLIP_BIG_G),
+    },
+}
+"""The text encoders a benchmark model gets: transformers class and config (vocabulary 49,408,
+77 positions, as SD's)."""
+
+
+def text_encoder(arch: str, component: str, device: str = "meta"):
+    import transformers
+
+    name, config = TEXT_ENCODERS[arch][component]
+    full = transformers.CLIPTextConfig(
+        vocab_size=49408, max_position_embeddings=77, architectures=[name], **config
+    )
+    with torch.device(device):
+        return getattr(transformers, name)(full)
+
+
 def unet_config(arch: str) -> dict:
     toy = registry.bundled("models")["toy-base"]
     config = dict(UNet2DConditionModel.load_config(toy / "unet"))
@@ -134,31 +175,45 @@ class PeakAnon:
 
 
 def make_models(arch: str, folder: Path) -> list[str]:
-    """Folders ``base``, ``a``, ``b``: random fp16 U-Nets of ``arch``, θ_a = θ_base + ε·N(0, 1)
-    (likewise b), written one tensor at a time (an SDXL U-Net in fp32 would not fit in RAM
-    three times); the VAE and text encoder are copied from the toy zoo."""
+    """Folders ``base``, ``a``, ``b``: random fp16 U-Nets and text encoders of ``arch``, θ_a =
+    θ_base + ε·N(0, 1) (likewise b), written one tensor at a time (an SDXL U-Net in fp32 would
+    not fit in RAM three times); the VAE (and, for ``toy``, the text encoder) is the toy zoo's."""
     toy = registry.bundled("models")["toy-base"]
     with torch.device("meta"):
         meta = UNet2DConditionModel.from_config(unet_config(arch))
-    shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-    entries = [(k, torch.float16, s) for k, s in shapes.items()]
+    modules = {"unet": (meta, "diffusion_pytorch_model.safetensors")}
+    for component in TEXT_ENCODERS[arch]:
+        modules[component] = (text_encoder(arch, component), "model.safetensors")
     names = ("base", "a", "b")
-    writers = []
     for name in names:
-        out = folder / name
-        shutil.copytree(toy, out, ignore=shutil.ignore_patterns("unet"))
-        meta.save_config(out / "unet")
-        path = out / "unet" / "diffusion_pytorch_model.safetensors"
-        writers.append(StreamingWriter(path, entries, {"format": "pt"}))
+        shutil.copytree(toy, folder / name, ignore=shutil.ignore_patterns(*modules))
     gen = torch.Generator().manual_seed(0)
-    for key, shape in shapes.items():
-        base = 0.02 * torch.randn(shape, generator=gen)
-        for name, writer in zip(names, writers, strict=True):
-            noise = NOISE * torch.randn(shape, generator=gen) if name != "base" else 0.0
-            writer.write(key, (base + noise).half())
-    for writer in writers:
-        writer.close()
+    for component, (module, file) in modules.items():
+        shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        entries = [(k, torch.float16, s) for k, s in shapes.items()]
+        writers = []
+        for name in names:
+            if component == "unet":
+                module.save_config(folder / name / component)
+            else:
+                module.config.save_pretrained(folder / name / component)
+            path = folder / name / component / file
+            writers.append(StreamingWriter(path, entries, {"format": "pt"}))
+        for key, shape in shapes.items():
+            base = 0.02 * torch.randn(shape, generator=gen)
+            for name, writer in zip(names, writers, strict=True):
+                noise = NOISE * torch.randn(shape, generator=gen) if name != "base" else 0.0
+                writer.write(key, (base + noise).half())
+        for writer in writers:
+            writer.close()
     return [str(folder / n) for n in names]
+
+
+def model_mib(folder: Path) -> float:
+    """The size of one model's merged weights (U-Net and text encoders) in fp16."""
+    model = folder / "a"
+    files = [*model.glob("unet/*.safetensors"), *model.glob("text_encoder*/*.safetensors")]
+    return sum(f.stat().st_size for f in files) / 2**20
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -195,22 +250,42 @@ def model_paths(folder: Path) -> dict[str, str]:
 
 def live_case(folder: Path, label: str, repeats: int) -> dict:
     """Live merges with the sources loaded as the registry loads them (fp16 on CUDA, fp32 on the
-    CPU): the first builds the scratch U-Net, each later one changes a weight (a new merge)."""
+    CPU): the first builds the scratch modules, each later one changes a weight (a new merge).
+    First the U-Net alone, then the whole model (U-Net and text encoders)."""
+    import transformers
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     settings, with_base = CASES[label]
-    unets = {
-        n: UNet2DConditionModel.from_pretrained(p, subfolder="unet", torch_dtype=dtype).to(device)
-        for n, p in model_paths(folder).items()
-        if with_base or n != "base"
+    models = {}
+    for n, p in model_paths(folder).items():
+        if with_base or n != "base":
+            unet = UNet2DConditionModel.from_pretrained(p, subfolder="unet", torch_dtype=dtype)
+            models[n] = {"unet": unet}
+            for component in sorted(Path(p).glob("text_encoder*")):
+                config = json.loads((component / "config.json").read_text())
+                cls = getattr(transformers, config["architectures"][0])
+                models[n][component.name] = cls.from_pretrained(component, dtype=dtype)
+            models[n] = {c: m.to(device) for c, m in models[n].items()}
+
+    def loop(components: list[str]) -> list[float]:
+        pick = {n: {c: m[c] for c in components} for n, m in models.items()}
+        base = ("base", pick["base"]) if with_base else None
+        times = []
+        for i in range(repeats + 1):
+            experts = [("a", pick["a"], 1.0), ("b", pick["b"], 1.0 + 0.01 * i)]
+            with merged_model(settings, experts, base) as merged:
+                times.append(merged.seconds)
+        return times
+
+    unet = loop(["unet"])
+    whole = loop(list(models["a"]))
+    return {
+        "first_s": round(whole[0], 3),
+        **median_of(whole[1:]),
+        "unet_s": round(statistics.median(unet[1:]), 3),
+        "components": list(models["a"]),
     }
-    base = ("base", {"unet": unets["base"]}) if with_base else None
-    times = []
-    for i in range(repeats + 1):
-        experts = [("a", {"unet": unets["a"]}, 1.0), ("b", {"unet": unets["b"]}, 1.0 + 0.01 * i)]
-        with merged_model(settings, experts, base) as merged:
-            times.append(merged.seconds)
-    return {"first_s": round(times[0], 3), **median_of(times[1:])}
 
 
 def export_recipe(folder: Path, label: str) -> dict:
@@ -252,11 +327,17 @@ def export_case(folder: Path, label: str, repeats: int) -> dict:
 
 
 def baseline(folder: Path, settings: Merge, out: Path) -> None:
-    """Load every input's U-Net state dict fully, merge in fp32 per tensor, save in fp16."""
+    """Load every input's U-Net and text encoders fully, merge in fp32 per tensor, save in fp16."""
     paths = model_paths(folder)
-    states = [load_file(f"{paths[n]}/unet/diffusion_pytorch_model.safetensors") for n in "ab"]
+
+    def state(name: str) -> dict[str, torch.Tensor]:
+        model = Path(paths[name])
+        files = [*model.glob("unet/*.safetensors"), *model.glob("text_encoder*/*.safetensors")]
+        return {f"{f.parent.name}.{k}": v for f in files for k, v in load_file(f).items()}
+
+    states = [state(n) for n in "ab"]
     if settings.method == "ties":
-        base = load_file(f"{paths['base']}/unet/diffusion_pytorch_model.safetensors")
+        base = state("base")
         merged = {
             k: methods.ties(base[k].float(), [s[k].float() for s in states], 0.2).half()
             for k in states[0]
@@ -300,10 +381,11 @@ def run_child(kind: str, label: str, folder: Path, repeats: int, need_mib: float
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure_case(folder: Path, label: str, unet_mib: float, repeats: int) -> dict:
+def measure_case(folder: Path, label: str, model_mib: float, repeats: int) -> dict:
     """One case live, exported and by the baseline loop, with the ratios export / baseline.
-    Memory estimates for the skip test: live holds every source and the scratch U-Net (fp32 on
-    the CPU, twice the fp16 file); the baseline every input and the merged state dict."""
+    Memory estimates for the skip test (``model_mib``: one model's merged weights in fp16): live
+    holds every source and the scratch modules (fp32 on the CPU, twice the fp16 files); the
+    baseline every input and the merged state dict."""
     fp32 = 1 if torch.cuda.is_available() else 2
     n_inputs = 3 if CASES[label][1] else 2
     row = {
@@ -311,9 +393,9 @@ def measure_case(folder: Path, label: str, unet_mib: float, repeats: int) -> dic
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "loadavg_before": [round(x, 2) for x in os.getloadavg()],
     }
-    row["live"] = run_child("live", label, folder, repeats, (n_inputs + 1) * fp32 * unet_mib)
-    row["export"] = run_child("export", label, folder, repeats, unet_mib)
-    row["baseline"] = run_child("baseline", label, folder, repeats, (n_inputs + 1) * unet_mib)
+    row["live"] = run_child("live", label, folder, repeats, (n_inputs + 1) * fp32 * model_mib)
+    row["export"] = run_child("export", label, folder, repeats, model_mib)
+    row["baseline"] = run_child("baseline", label, folder, repeats, (n_inputs + 1) * model_mib)
     if isinstance(row["export"], dict) and isinstance(row["baseline"], dict):
         row["export_over_baseline"] = {
             key: round(row["export"][key] / row["baseline"][key], 3)
@@ -348,12 +430,15 @@ def main(argv: list[str] | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     start = time.time()
-    if not (folder / "b" / "unet").is_dir():
+    if not (folder / "b" / "unet" / "diffusion_pytorch_model.safetensors").is_file():
         make_models(args.arch, folder)
     unet_file = folder / "a" / "unet" / "diffusion_pytorch_model.safetensors"
     unet_mib = unet_file.stat().st_size / 2**20
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config(args.arch))
+    text_params = sum(
+        p.numel() for c in TEXT_ENCODERS[args.arch] for p in text_encoder(args.arch, c).parameters()
+    )
     result = {
         "benchmark": "merge speed and memory (issue 5)",
         "device": device_name(),
@@ -363,7 +448,10 @@ def main(argv: list[str] | None = None) -> None:
         "arch": args.arch,
         "unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
         "unet_fp16_mib": round(unet_mib, 1),
-        "not_in_inputs": "VAE and text encoder are the toy zoo's (a few MB), copied, not merged",
+        "text_encoders_params_m": round(text_params / 1e6, 1),
+        "merged_fp16_mib": round(model_mib(folder), 1),
+        "not_in_inputs": "the VAE is the toy zoo's (a few MB), copied, not merged"
+        + ("; so is the text encoder, the same in all three models" if args.arch == "toy" else ""),
         "repeats": args.repeats,
         "mem_total_mib": round(_meminfo("MemTotal"), 0),
         "mem_available_mib_at_start": round(available_mib(), 0),
@@ -374,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     earlier = json.loads(path.read_text())["cases"] if path.is_file() else {}
     cases = {k: v for k, v in earlier.items() if k in CASES and k not in args.cases}
     for label in args.cases:
-        cases[label] = measure_case(folder, label, unet_mib, args.repeats)
+        cases[label] = measure_case(folder, label, model_mib(folder), args.repeats)
     result["cases"] = {k: cases[k] for k in CASES if k in cases}
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     result["minutes"] = round((time.time() - start) / 60, 1)
