@@ -177,6 +177,28 @@ def test_block_weight_moves_from_the_reference_toward_the_merge():
     assert torch.equal(zero, base)
 
 
+def test_a_parameter_every_model_holds_alike_passes_through_text_encoder_merges():
+    """``merge_parameter(shortcut=True)``: experts and base alike → that very value (a weighted
+    sum by thirds would round it); base different → merged (task arithmetic θ₀ + λΣwᵢτᵢ with
+    equal τᵢ is not the experts' value); integer buffers → the first expert's."""
+    from composer.merge.plan import merge_parameter
+    from composer.recipe import Merge
+
+    torch.manual_seed(0)
+    a = torch.randn(64)
+    thirds = merge_parameter(Merge("weighted_sum"), "w", None, [a, a.clone()], [1.0, 2.0])
+    assert not torch.equal(thirds, a)  # the rounding the shortcut avoids
+    same = merge_parameter(Merge("weighted_sum"), "w", None, [a, a.clone()], [1.0, 2.0],
+                           shortcut=True)  # fmt: skip
+    assert torch.equal(same, a)
+    base = a - 1.0
+    moved = merge_parameter(Merge("task_arithmetic", base="b"), "w", base, [a, a.clone()],
+                            [1.0, 1.0], shortcut=True)  # fmt: skip
+    torch.testing.assert_close(moved, base + 2.0)
+    ids = torch.arange(5)
+    assert merge_parameter(Merge("weighted_sum"), "ids", None, [ids, ids + 1], [1, 1]) is ids
+
+
 def test_incompatible_models_are_named_with_the_first_mismatch():
     from composer.merge.plan import check_compatible
     from composer.recipe import RecipeError
