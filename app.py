@@ -2,8 +2,8 @@
 
 Every action goes through a recipe: the controls are turned into recipe JSON, parsed by
 ``composer.recipe.parse`` (the one validation), run by ``composer.engine``; a dropped PNG, a
-pasted recipe or a shared link (``?id=`` from ``composer.store``, ``?recipe=`` from
-``composer.links``) is parsed the same way and written back into the controls.
+pasted recipe or a shared link (``?id=`` from ``composer.sharing.store``, ``?recipe=`` from
+``composer.sharing.links``) is parsed the same way and written back into the controls.
 
 On a Hugging Face Space with ZeroGPU the sampling runs inside ``spaces.GPU``; elsewhere, or
 without the ``spaces`` package, the same function runs as it is.
@@ -33,8 +33,6 @@ except ImportError:
 from gradio import route_utils
 
 from composer import engine, registry
-from composer.links import decode_recipe, recipe_link, share_link
-from composer.pnginfo import png_bytes, read_recipe
 from composer.recipe import (
     A1111_SAMPLERS,
     MAX_IMAGES,
@@ -45,7 +43,9 @@ from composer.recipe import (
     RecipeError,
     parse,
 )
-from composer.store import Store
+from composer.sharing.links import decode_recipe, recipe_link, share_link
+from composer.sharing.pnginfo import png_bytes, read_recipe
+from composer.sharing.store import Store
 
 log = logging.getLogger("composer.app")
 LORA_SLOTS = 3
@@ -680,7 +680,7 @@ def maps_picture(kappas: dict | None, index: int = 0):
     3 green, 4 yellow; averaged over the steps); hidden for other methods."""
     from PIL import Image
 
-    from composer.maps import expert_share, side_by_side
+    from ui.maps import expert_share, side_by_side
 
     if not kappas or "maps" not in kappas or not 0 <= index < len(kappas["maps"]):
         return gr.update(visible=False, value=None)

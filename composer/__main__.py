@@ -163,7 +163,7 @@ def _read(path: str) -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from composer.pnginfo import read_recipe
+    from composer.sharing.pnginfo import read_recipe
 
     print(read_recipe(args.image).to_json())
     return 0

@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 from composer import registry
-from composer.pnginfo import png_info
 from composer.recipe import Merge, Recipe, RecipeError
 from composer.schedulers import make_scheduler
+from composer.sharing.pnginfo import png_info
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)``: steps done so far over all images of the request."""

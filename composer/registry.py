@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from composer.ldm_format import CONFIG_KEY
+from composer.checkpoints.ldm_format import CONFIG_KEY
 from composer.recipe import RecipeError, looks_like_hub_id
 
 ASSETS = Path(

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 import app
-from composer.links import decode_recipe
-from composer.pnginfo import read_recipe
 from composer.recipe import RecipeError, parse
-from composer.store import Store
+from composer.sharing.links import decode_recipe
+from composer.sharing.pnginfo import read_recipe
+from composer.sharing.store import Store
 
 
 def recipe_json(model, **sampler):

@@ -39,7 +39,7 @@ def test_same_recipe_gives_identical_pixels(tiny_sd1, cache):
 
 
 def test_image_i_uses_seed_plus_i_and_its_png_recipe_remakes_it(tiny_sd1, cache):
-    from composer.pnginfo import image_recipe
+    from composer.sharing.pnginfo import image_recipe
 
     batch = run(tiny_sd1, cache=cache, seed=5, num_images=3)
     assert batch.seeds == [5, 6, 7]

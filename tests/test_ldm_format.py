@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from composer import engine, registry
-from composer.ldm_format import pipeline_to_ldm, save_single_file, unet_to_ldm
+from composer.checkpoints.ldm_format import pipeline_to_ldm, save_single_file, unet_to_ldm
 from composer.recipe import RecipeError, parse
 from toyworld.tokenizer import save_tokenizer
 from toyworld.train import make_unet
@@ -163,7 +163,7 @@ def test_single_file_without_configs_offline_says_what_to_do(tiny_sd1, tmp_path,
 
 
 def test_open_clip_layout_fuses_qkv_and_drops_position_ids():
-    from composer.ldm_format import text_layout
+    from composer.checkpoints.ldm_format import text_layout
 
     layer = "text_model.encoder.layers.0."
     names = [

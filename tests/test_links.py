@@ -8,14 +8,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from composer.links import (
+from composer.recipe import RecipeError, parse
+from composer.sharing.links import (
     MAX_LINK_CHARS,
     decode_recipe,
     encode_recipe,
     recipe_link,
     share_link,
 )
-from composer.recipe import RecipeError, parse
 
 SAMPLER = {"scheduler": "dpmpp_2m_karras", "steps": 12, "guidance_scale": 6.5, "seed": 42}
 RECIPES = {

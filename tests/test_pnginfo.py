@@ -3,8 +3,8 @@ import json
 import pytest
 from PIL import Image
 
-from composer.pnginfo import a1111_parameters, png_info, read_recipe
 from composer.recipe import RecipeError, parse
+from composer.sharing.pnginfo import a1111_parameters, png_info, read_recipe
 
 
 def recipe(**sampler):

@@ -21,9 +21,9 @@ import pytest
 from PIL import Image
 
 from composer import engine, registry
-from composer.links import decode_recipe
-from composer.pnginfo import read_recipe
 from composer.recipe import parse
+from composer.sharing.links import decode_recipe
+from composer.sharing.pnginfo import read_recipe
 
 HERE = Path(__file__).parent / "replay"
 CASES = json.loads((HERE / "index.json").read_text())
@@ -40,8 +40,9 @@ def test_a_stored_result_is_made_again_from_its_pngs_and_its_link(name):
     assert decode_recipe(case["link"]) == recipe
     stored = [Image.open(HERE / image["png"]) for image in case["images"]]
     for image, expected in zip(stored, case["images"], strict=True):
-        assert hashlib.sha256(image.convert("RGB").tobytes()).hexdigest() == (
-            expected["pixels_sha256"]
+        assert (
+            hashlib.sha256(image.convert("RGB").tobytes()).hexdigest()
+            == (expected["pixels_sha256"])
         )
     # the whole recipe, and the last image alone from the recipe its PNG carries
     again = engine.generate(recipe).images

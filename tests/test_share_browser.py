@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 import app
-from composer.links import recipe_link
-from composer.pnginfo import read_recipe
 from composer.recipe import parse
+from composer.sharing.links import recipe_link
+from composer.sharing.pnginfo import read_recipe
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 expect = sync_api.expect

@@ -16,7 +16,7 @@ import pytest
 
 import app
 from composer.recipe import parse
-from composer.store import Store
+from composer.sharing.store import Store
 
 ROOT = Path(app.__file__).resolve().parent
 TOY = {

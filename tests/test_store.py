@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from composer import store
 from composer.recipe import RecipeError, parse
-from composer.store import ID_PATTERN, Store, StoreError
+from composer.sharing import store
+from composer.sharing.store import ID_PATTERN, Store, StoreError
 
 RECIPE = json.dumps(
     {
@@ -123,7 +123,7 @@ def test_a_crash_between_images_and_index_leaves_no_entry_that_opens(tmp_path):
         f"""
         import os, sys
         sys.path.insert(0, {str(Path(store.__file__).parents[1])!r})
-        from composer.store import Store
+        from composer.sharing.store import Store
         shares = Store({str(root)!r})
         shares._index = lambda *args: os._exit(3)
         shares.save({RECIPE!r}, [{png(1)!r}, {png(2)!r}])

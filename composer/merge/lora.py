@@ -28,7 +28,7 @@ from functools import lru_cache
 
 import torch
 
-from composer.ldm_format import clip_inner
+from composer.checkpoints.ldm_format import clip_inner
 from composer.merge import methods as m
 from composer.recipe import RecipeError
 

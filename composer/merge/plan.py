@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from composer.ldm_format import clip_inner
+from composer.checkpoints.ldm_format import clip_inner
 from composer.merge import methods as m
 from composer.recipe import Merge, RecipeError
 

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from composer.links import MAX_RECIPE_BYTES
 from composer.recipe import MAX_IMAGES, Recipe, RecipeError, parse
+from composer.sharing.links import MAX_RECIPE_BYTES
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{12}")
 """``secrets.token_urlsafe(9)``: 12 base64url characters."""

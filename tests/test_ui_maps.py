@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from composer.maps import PALETTE, expert_share, map_image, side_by_side
+from ui.maps import PALETTE, expert_share, map_image, side_by_side
 
 
 def test_each_expert_gets_its_colour_and_mixtures_mix():

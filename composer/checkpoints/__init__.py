@@ -1,0 +1,1 @@
+"""Weight files as users have them: single-file layouts, LoRA files, hashing, streamed writing."""

@@ -1,0 +1,1 @@
+"""The page: tabs, the form codec (controls <-> recipe), the run adapter and result views."""
