@@ -9,8 +9,8 @@ model. Architectures and shapes (LoRAs' included) are checked before any work. T
 computed in fp32 (on the GPU when there is one) and written in the asked dtype, in the original
 Stable Diffusion layout (``composer.checkpoints.ldm_format``: SD 1.x or SDXL). U-Net and text
 encoder(s) are merged, parameter by parameter under their diffusers names as the live merge does
-(an SDXL single file's fused OpenCLIP q/k/v is taken apart first, so both give the same weights); the VAE
-is the first expert's. An expert's LoRAs are baked into its weights as each tensor is read: ΔW
+(an SDXL single file's fused OpenCLIP q/k/v is taken apart first, so both give the same
+weights); the VAE is the first expert's. An expert's LoRAs are baked into its weights as each tensor is read: ΔW
 is computed from the LoRA file for exactly the tensor being written. ``__metadata__`` holds the
 recipe, the sha256 of each input (U-Net weights, LoRA files) and the config folder that lets the
 registry load the file back offline.

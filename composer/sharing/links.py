@@ -1,7 +1,7 @@
 """Links that open the page on a generation: ``…/?id=<id>`` (an entry of
 ``composer.sharing.store``) and the stateless ``…/?recipe=<value>``, where the value is the
-recipe's compact JSON, zlib-compressed and base64url-encoded without padding, so that a link keeps working where no storage persists
-(free Spaces lose their disk on restart).
+recipe's compact JSON, zlib-compressed and base64url-encoded without padding, so that a link
+keeps working where no storage persists (free Spaces lose their disk on restart).
 
 A link's recipe goes through ``composer.recipe.parse`` like every other recipe; what can go wrong
 with the value itself (too long, cut short, not ours) is a ``RecipeError`` that names it.
