@@ -3,13 +3,14 @@
 ``SuperpositionPipeline`` and ``AggregationPipeline`` both hold one VAE, tokenizer(s), scheduler
 and text encoder(s) (SDXL's second one optional) plus further experts' U-Nets, are built from
 ordinary diffusers pipelines, move their extra modules with ``to()``, borrow
-``encode_prompt`` from a plain SD/SDXL pipeline over the same modules, and decode alike.
+``encode_prompt`` from a plain SD/SDXL pipeline over the same modules, check their inputs, draw
+their initial latents and decode alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from typing import ClassVar, NamedTuple
 
 import torch
 from diffusers import (
@@ -19,16 +20,36 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from pipelines.decoding import decode_latents
+
+StepEndCallback = (
+    Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict]
+    | PipelineCallback
+    | MultiPipelineCallbacks
+)
+"""diffusers' ``callback_on_step_end``: ``fn(pipe, step, timestep, callback_kwargs) -> dict``."""
 
 
 def is_sdxl_unet(unet: UNet2DConditionModel) -> bool:
     """SDXL U-Nets take pooled text embeds and size ids (``addition_embed_type`` "text_time")."""
     return unet.config.get("addition_embed_type") == "text_time"
+
+
+class PromptEmbeds(NamedTuple):
+    """``EnsemblePipeline.encode_prompt``'s embeddings, named as diffusers names them; the
+    negative ones are ``None`` without classifier-free guidance, the last three for SDXL only."""
+
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    pooled_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+    add_time_ids: torch.Tensor | None = None
 
 
 class EnsemblePipeline(DiffusionPipeline):
@@ -133,6 +154,95 @@ class EnsemblePipeline(DiffusionPipeline):
             feature_extractor=None,
             requires_safety_checker=False,
         )
+
+    def default_size(self) -> int:
+        """The height and width diffusers defaults to: the U-Net's ``sample_size``, in pixels."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    def check_inputs(
+        self, height: int, width: int, callback_on_step_end_tensor_inputs: Sequence[str]
+    ) -> None:
+        """What diffusers' ``check_inputs`` refuses before any encoding: a size that is not whole
+        latents, and step-callback tensors this pipeline does not hand out."""
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not among "
+                f"{self._callback_tensor_inputs}"
+            )
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(
+                f"height and width must be multiples of {self.vae_scale_factor}, "
+                f"not {height}×{width}"
+            )
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        num_channels_latents: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+        init_noise_sigma: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The initial latents, as ``StableDiffusionPipeline.prepare_latents``: unit noise drawn
+        with ``generator`` (or the given ``latents``), on ``device`` in ``dtype``, times the
+        scheduler's ``init_noise_sigma``, or times ``init_noise_sigma`` when given (a sampler with
+        its own σ's, such as superposition's σ₀)."""
+        shape = (
+            batch_size,
+            num_channels_latents,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"{len(generator)} generators for a batch of {batch_size}; give one per image"
+            )
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        if init_noise_sigma is None:
+            init_noise_sigma = self.scheduler.init_noise_sigma
+        return latents.to(device=device, dtype=dtype) * init_noise_sigma
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        device: torch.device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        negative_prompt: str | list[str] | None,
+        height: int,
+        width: int,
+        encoder: StableDiffusionPipeline | StableDiffusionXLPipeline | None = None,
+    ) -> PromptEmbeds:
+        """diffusers' ``encode_prompt`` for SD 1.x/2.x and SDXL alike, by ``encoder`` (default
+        ``encoder_view()``), with SDXL's one row of ``add_time_ids`` for ``height`` × ``width``
+        images."""
+        encoder = encoder or self.encoder_view()
+        if not is_sdxl_unet(self.unet):
+            embeds, negative = encoder.encode_prompt(
+                prompt,
+                device,
+                num_images_per_prompt,
+                do_classifier_free_guidance,
+                negative_prompt=negative_prompt,
+            )
+            return PromptEmbeds(embeds, negative)
+        embeds, negative, pooled, negative_pooled = encoder.encode_prompt(
+            prompt=prompt,
+            device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=do_classifier_free_guidance,
+            negative_prompt=negative_prompt,
+        )
+        time_ids = encoder._get_add_time_ids(
+            (height, width), (0, 0), (height, width), embeds.dtype, int(pooled.shape[-1])
+        ).to(device)
+        return PromptEmbeds(embeds, negative, pooled, negative_pooled, time_ids)
 
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
         """VAE decode (fp16 VAEs with ``force_upcast`` in fp32, as diffusers' SDXL pipeline)."""

@@ -153,3 +153,24 @@ def test_aggregator_prompt_reaches_the_aggregators_only(tiny_sd1, tiny_sd1_other
     # uniform averaging has no aggregator to read it: the prompt changes nothing
     ensemble.aggregator = None
     np.testing.assert_array_equal(run(aggregator_prompt=whole), run())
+
+
+def test_initial_latents_are_drawn_as_stable_diffusion_draws_them(tiny_sd1):
+    plain = _load(StableDiffusionPipeline, tiny_sd1)
+    ensemble = AggregationPipeline.from_pipes([plain, plain])
+    plain.scheduler.set_timesteps(STEPS)
+    assert ensemble.scheduler.init_noise_sigma > 1
+
+    def draw(pipe):
+        gen = torch.Generator().manual_seed(3)
+        return pipe.prepare_latents(2, 4, 24, 16, torch.float32, torch.device("cpu"), gen)
+
+    assert torch.equal(draw(ensemble), draw(plain))
+
+
+def test_sizes_off_the_latent_grid_and_unknown_callback_tensors_are_refused(tiny_sd1):
+    ensemble = AggregationPipeline.from_pipes([_load(StableDiffusionPipeline, tiny_sd1)])
+    with pytest.raises(ValueError, match=r"multiples of 2, not 21×16"):
+        ensemble("a", height=21, width=16)
+    with pytest.raises(ValueError, match=r"\['kappa'\] are not among \['latents'\]"):
+        ensemble("a", callback_on_step_end_tensor_inputs=["kappa"])

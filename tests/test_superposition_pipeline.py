@@ -251,3 +251,10 @@ def test_lora_variants_as_experts_on_one_unet(tiny_sd1, tiny_lora):
     assert (first - second).abs().max() > 1e-3
     with pytest.raises(ValueError, match=r"adapters \['nope'\] are not loaded"):
         sp(experts=[(0, "a", {"nope": 1.0})], num_inference_steps=STEPS)
+
+
+def test_sizes_off_the_latent_grid_and_unknown_callback_tensors_are_refused(pipe):
+    with pytest.raises(ValueError, match=r"multiples of 2, not 16×15"):
+        pipe("a", height=16, width=15)
+    with pytest.raises(ValueError, match=r"\['noise'\] are not among \['latents', 'denoised'"):
+        pipe("a", callback_on_step_end_tensor_inputs=["noise"])

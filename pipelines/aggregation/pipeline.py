@@ -12,27 +12,21 @@ pipeline: ε = ε_AFA(∅) + w·(ε_AFA(c) − ε_AFA(∅)), both branches aggre
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import (
-    DiffusionPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from pipelines.aggregation.sabw import Aggregator, uniform_combine
 from pipelines.aggregation.walker import check_same_architecture, points, walk
-from pipelines.ensemble import EnsemblePipeline, is_sdxl_unet
+from pipelines.ensemble import EnsemblePipeline, StepEndCallback
 
 
 @dataclass
@@ -145,27 +139,15 @@ class AggregationPipeline(EnsemblePipeline):
         dtype = expert.unet.dtype
         per_prompt = batch if isinstance(prompt, str) else 1
         prompt = prompt if isinstance(prompt, str) else list(prompt)
-        if is_sdxl_unet(self.unet):
-            embeds, neg, pooled, neg_pooled = encoder.encode_prompt(
-                prompt=prompt,
-                device=device,
-                num_images_per_prompt=per_prompt,
-                do_classifier_free_guidance=cfg,
-                negative_prompt=negative_prompt,
-            )
-            projection_dim = int(pooled.shape[-1])
-            time_ids = encoder._get_add_time_ids(
-                (height, width), (0, 0), (height, width), embeds.dtype, projection_dim
-            ).to(device)
+        embeds, neg, pooled, neg_pooled, time_ids = self.encode_prompt(
+            prompt, device, per_prompt, cfg, negative_prompt, height, width, encoder
+        )
+        extra = None
+        if time_ids is not None:
             extra = {
                 "text_embeds": torch.cat([neg_pooled, pooled] if cfg else [pooled]).to(dtype),
                 "time_ids": time_ids.repeat(2 * batch if cfg else batch, 1).to(dtype),
             }
-        else:
-            embeds, neg = encoder.encode_prompt(
-                prompt, device, per_prompt, cfg, negative_prompt=negative_prompt
-            )
-            extra = None
         return torch.cat([neg, embeds] if cfg else [embeds]).to(dtype), extra
 
     @torch.no_grad()
@@ -212,13 +194,10 @@ class AggregationPipeline(EnsemblePipeline):
         width: int | None = None,
         num_images_per_prompt: int = 1,
         output_type: str = "pil",
-        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict]
-        | PipelineCallback
-        | MultiPipelineCallbacks
-        | None = None,
+        return_maps: bool = False,
+        callback_on_step_end: StepEndCallback | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         latents: torch.Tensor | None = None,
-        return_maps: bool = False,
         return_dict: bool = True,
         aggregator_prompt: str | None = None,
     ) -> AggregationPipelineOutput | tuple:
@@ -234,26 +213,16 @@ class AggregationPipeline(EnsemblePipeline):
         point, each expert's weight at every pixel and step (``AggregationPipelineOutput.maps``).
         Setting ``pipe._interrupt = True`` in a callback stops after that step.
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        height = height or self.default_size()
+        width = width or self.default_size()
+        self.check_inputs(height, width, callback_on_step_end_tensor_inputs)
         prompts = [prompt] * len(self.experts) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(self.experts):
             raise ValueError(
                 f"give one prompt, or one per expert ({len(self.experts)}), not {len(prompts)}; "
                 "use num_images_per_prompt for a batch"
-            )
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not among "
-                f"{self._callback_tensor_inputs}"
-            )
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        if height % self.vae_scale_factor or width % self.vae_scale_factor:
-            raise ValueError(
-                f"height and width must be multiples of {self.vae_scale_factor}, "
-                f"not {height}×{width}"
             )
         self._interrupt = False
         self._guidance_scale = guidance_scale
@@ -277,16 +246,16 @@ class AggregationPipeline(EnsemblePipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
-        dtype = self.unet.dtype
-        shape = (
+        latents = self.prepare_latents(
             batch,
             self.unet.config.in_channels,
-            height // self.vae_scale_factor,
-            width // self.vae_scale_factor,
+            height,
+            width,
+            self.unet.dtype,
+            device,
+            generator,
+            latents,
         )
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
         aggregator = self.aggregator
         combine = aggregator.combine if aggregator is not None else uniform_combine

@@ -42,15 +42,10 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.loaders.lora_base import (
-    disable_lora_for_text_encoder,
-    enable_lora_for_text_encoder,
-    set_adapters_for_text_encoder,
-)
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 
-from pipelines.ensemble import EnsemblePipeline, is_sdxl_unet
+from pipelines.ensemble import EnsemblePipeline, StepEndCallback, is_sdxl_unet
+from pipelines.superposition.adapters import Adapters, activate, check_adapters
 from pipelines.superposition.sampler import sample_superposition
 
 PIPELINE_MODES = ("or", "and", "average", "joint")
@@ -64,7 +59,6 @@ optionally the LoRA adapters (loaded name → strength) active while it runs: ``
 ``None`` (or a 2-tuple) to leave the adapters as they are. Two LoRA variants of one model are
 two experts on one U-Net with different adapters: ``[(0, "a circle", {"purple": 1.0}),
 (0, "a star", {"star": 1.0})]``."""
-Adapters = tuple[tuple[str, float], ...] | None
 
 _VAE_KEYS = ("latent_channels", "scaling_factor", "block_out_channels")
 _SCHEDULE_KEYS = (
@@ -256,47 +250,12 @@ class SuperpositionPipeline(EnsemblePipeline):
                     f"{_family(self.unet)} pipeline's latents"
                 )
             if adapters:
-                self._check_adapters(unet, adapters)
+                check_adapters(adapters, unet, self._text_encoders())
             resolved.append((unet, text, adapters))
         return resolved
 
-    def _text_encoders(self) -> list:
-        return [
-            te
-            for te in (self.text_encoder, getattr(self, "text_encoder_2", None))
-            if te is not None and getattr(te, "peft_config", None)
-        ]
-
-    def _check_adapters(self, unet: UNet2DConditionModel, adapters: Adapters) -> None:
-        known = set(getattr(unet, "peft_config", None) or {})
-        for te in self._text_encoders():
-            known |= set(te.peft_config)
-        missing = [name for name, _ in adapters if name not in known]
-        if missing:
-            raise ValueError(
-                f"adapters {missing} are not loaded on this expert's U-Net or text encoders "
-                f"(loaded: {sorted(known) or 'none'}); load them with load_lora_weights first"
-            )
-
-    def _activate(self, unet: UNet2DConditionModel, adapters: Adapters) -> None:
-        """Make exactly ``adapters`` active on ``unet`` and the text encoders (``None``: leave
-        them as they are). The last expert group's adapters stay active after a call."""
-        if adapters is None:
-            return
-        if getattr(unet, "peft_config", None):
-            mine = [(n, w) for n, w in adapters if n in unet.peft_config]
-            if mine:
-                unet.enable_adapters()
-                unet.set_adapters([n for n, _ in mine], [w for _, w in mine])
-            else:
-                unet.disable_adapters()
-        for te in self._text_encoders():
-            mine = [(n, w) for n, w in adapters if n in te.peft_config]
-            if mine:
-                enable_lora_for_text_encoder(te)
-                set_adapters_for_text_encoder([n for n, _ in mine], te, [w for _, w in mine])
-            else:
-                disable_lora_for_text_encoder(te)
+    def _text_encoders(self) -> list[torch.nn.Module | None]:
+        return [self.text_encoder, getattr(self, "text_encoder_2", None)]
 
     def _unet_batches(
         self,
@@ -322,42 +281,22 @@ class SuperpositionPipeline(EnsemblePipeline):
         groups = []
         for indices in members.values():
             unet, _, adapters = experts[indices[0]]
-            self._activate(unet, adapters)
+            activate(adapters, unet, self._text_encoders())
             prompts = [experts[e][1] for e in indices]
             negatives = None if negative_prompt is None else [negative_prompt] * len(prompts)
+            embeds, neg_embeds, pooled, neg_pooled, time_ids = self.encode_prompt(
+                prompts, device, batch, cfg, negatives, height, width, encoder
+            )
             added_cond_kwargs = None
-            if is_sdxl_unet(self.unet):
-                embeds, neg_embeds, pooled, neg_pooled = encoder.encode_prompt(
-                    prompt=prompts,
-                    device=device,
-                    num_images_per_prompt=batch,
-                    do_classifier_free_guidance=cfg,
-                    negative_prompt=negatives,
-                )
-                projection_dim = (
-                    self.text_encoder_2.config.projection_dim
-                    if self.text_encoder_2 is not None
-                    else int(pooled.shape[-1])
-                )
-                time_ids = encoder._get_add_time_ids(
-                    (height, width), (0, 0), (height, width), embeds.dtype, projection_dim
-                ).to(device)
+            if time_ids is not None:
                 text = ([neg_pooled[:batch]] if cfg else []) + [pooled]
                 rows = len(prompts) + int(cfg)
                 added_cond_kwargs = {
                     "text_embeds": torch.cat(text).to(unet.dtype),
                     "time_ids": time_ids.repeat(rows * batch, 1).to(unet.dtype),
                 }
-            else:
-                embeds, neg_embeds = encoder.encode_prompt(
-                    prompts, device, batch, cfg, negative_prompt=negatives
-                )
-            parts = ([neg_embeds[:batch]] if cfg else []) + [embeds]
-            groups.append(
-                _UNetBatch(
-                    unet, indices, torch.cat(parts).to(unet.dtype), added_cond_kwargs, adapters
-                )
-            )
+            embeds = torch.cat(([neg_embeds[:batch]] if cfg else []) + [embeds]).to(unet.dtype)
+            groups.append(_UNetBatch(unet, indices, embeds, added_cond_kwargs, adapters))
         return groups
 
     def _denoiser(
@@ -374,7 +313,7 @@ class SuperpositionPipeline(EnsemblePipeline):
         switching = len(unets) != len(set(unets))
         if not switching:
             for group in groups:
-                self._activate(group.unet, group.adapters)
+                activate(group.adapters, group.unet, self._text_encoders())
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor):
             s = float(sigma)
@@ -384,7 +323,7 @@ class SuperpositionPipeline(EnsemblePipeline):
             eps_uncond: list[torch.Tensor | None] = [None] * n_experts
             for group in groups:
                 if switching:
-                    self._activate(group.unet, group.adapters)
+                    activate(group.adapters, group.unet, self._text_encoders())
                 k = len(group.experts) + int(cfg)
                 out = group.unet(
                     x_vp.to(group.unet.dtype).repeat(k, *([1] * (x.dim() - 1))),
@@ -410,19 +349,16 @@ class SuperpositionPipeline(EnsemblePipeline):
         negative_prompt: str | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
+        temperature: float | None = None,
+        bias: torch.Tensor | Sequence[float] | None = None,
         generator: torch.Generator | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
         output_type: str = "pil",
-        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict]
-        | PipelineCallback
-        | MultiPipelineCallbacks
-        | None = None,
+        callback_on_step_end: StepEndCallback | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         mode: str = "or",
-        temperature: float | None = None,
-        bias: torch.Tensor | Sequence[float] | None = None,
         experts: Sequence[Expert] | None = None,
         latents: torch.Tensor | None = None,
         return_dict: bool = True,
@@ -477,12 +413,9 @@ class SuperpositionPipeline(EnsemblePipeline):
             )
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not among "
-                f"{self._callback_tensor_inputs}"
-            )
+        height = height or self.default_size()
+        width = width or self.default_size()
+        self.check_inputs(height, width, callback_on_step_end_tensor_inputs)
         resolved = self._resolve_experts(prompt, experts)
         if mode == "joint":
             joined = " and ".join(text for _, text, _ in resolved)
@@ -490,13 +423,6 @@ class SuperpositionPipeline(EnsemblePipeline):
             sampler_mode, bias = "average", None
         else:
             sampler_mode = mode
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        if height % self.vae_scale_factor or width % self.vae_scale_factor:
-            raise ValueError(
-                f"height and width must be multiples of {self.vae_scale_factor}, "
-                f"not {height}×{width}"
-            )
         self._interrupt = False
         self._guidance_scale = guidance_scale
         device = self._execution_device
@@ -511,15 +437,17 @@ class SuperpositionPipeline(EnsemblePipeline):
         timestep_of = {float(s): t for s, t in zip(sigmas[:-1], scheduler.timesteps, strict=True)}
         self._num_timesteps = len(scheduler.timesteps)
 
-        shape = (
+        x = self.prepare_latents(
             batch,
             self.unet.config.in_channels,
-            height // self.vae_scale_factor,
-            width // self.vae_scale_factor,
+            height,
+            width,
+            torch.float32,
+            device,
+            generator,
+            latents,
+            init_noise_sigma=sigmas[0],
         )
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        x = latents.to(device=device, dtype=torch.float32) * sigmas[0]
 
         kappas: list[torch.Tensor] = []
         history: list[torch.Tensor] = []
