@@ -19,8 +19,9 @@ import os
 
 import torch
 
-from bench.single import RESULTS, device_name
+from bench import RESULTS
 from bench.superpose_speed import sd15_pipes, timed, zoo_pipes
+from composer.device import device_name
 from pipelines.aggregation import AggregationPipeline, Aggregator
 
 

@@ -35,20 +35,16 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
-from bench.single import RESULTS, device_name
+from bench import RESULTS
+from composer.device import device_name
 from pipelines.aggregation import AggregationPipeline, Aggregator
 from pipelines.aggregation.training import predict_noise
 from pipelines.superposition import SuperpositionPipeline
 from toyworld.captions import captions, parse_scene
 from toyworld.evaluate import classify, classify_scene
-from toyworld.train import (
-    DOMAINS,
-    TRAIN_SCHEDULER,
-    encode_latents,
-    encode_prompts,
-    render_domain,
-)
+from toyworld.train import encode_latents, encode_prompts, render_domain
 from toyworld.train_aggregator import scene_data
+from toyworld.zoo import DOMAINS, TRAIN_SCHEDULER
 
 MODELS = Path("assets/models")
 EXPERTS = ("toy-warm", "toy-cool")

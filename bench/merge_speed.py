@@ -14,7 +14,7 @@ times, reporting the median:
   merge also builds them and is reported apart as ``first_s``; every later one changes a
   weight, so it is a new merge: what moving a slider and generating again costs); ``s`` is the
   whole model (what the page does), ``unet_s`` the U-Net alone (the issue's TIES target);
-- ``export``: ``composer.merge.export`` to fp16 (the first run warms the page cache and is not
+- ``export``: ``composer.export`` to fp16 (the first run warms the page cache and is not
   timed; each timed run hashes its inputs for ``__metadata__`` as every CLI export does);
 - ``baseline``: the plain loop other tools run (load every state dict fully, merge, save with
   ``safetensors.torch.save_file``), same inputs and components, for the ratios.
@@ -53,12 +53,15 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from bench.single import RESULTS, device_name
+from bench import RESULTS
 from composer import registry
+from composer.checkpoints.writer import StreamingWriter
+from composer.device import device_name
+from composer.export import export
 from composer.merge import methods
-from composer.merge.export import StreamingWriter, export
 from composer.merge.live import merged_model
-from composer.recipe import Merge, parse
+from composer.merge.registry import Merge
+from composer.recipe import parse
 
 SD15 = {
     "sample_size": 64,
@@ -303,7 +306,7 @@ def export_recipe(folder: Path, label: str) -> dict:
 
 
 def export_case(folder: Path, label: str, repeats: int) -> dict:
-    """``composer.merge.export`` to fp16; the first run warms the page cache and is not timed.
+    """``composer.export`` to fp16; the first run warms the page cache and is not timed.
     Each timed run hashes its inputs again (sha256 for ``__metadata__``), as every CLI export
     does; ``hash_s`` is that part alone."""
     parsed = parse(export_recipe(folder, label))

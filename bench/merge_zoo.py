@@ -35,8 +35,9 @@ from pathlib import Path
 
 import torch
 
-from bench.single import RESULTS, device_name
+from bench import RESULTS
 from composer import registry
+from composer.device import device_name
 from toyworld.measure import DEFAULT_SAMPLER, generate_labels
 
 PROMPTS = {
@@ -261,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
 
-    from composer.merge.lora import merge_files, write_lora
+    from composer.checkpoints.lora_files import write_lora
+    from composer.merge.lora import merge_files
 
     merged = Path(tempfile.mkdtemp()) / "toy-purple-star.safetensors"
     write_lora(

@@ -11,23 +11,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from bench import RESULTS
 from composer import engine, registry
+from composer.device import device_name
 from composer.recipe import parse
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"cpu {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def run(model: str, steps: int, repeats: int) -> dict:

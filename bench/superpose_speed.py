@@ -30,8 +30,9 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from bench.single import RESULTS, device_name
+from bench import RESULTS
 from composer import registry
+from composer.device import device_name
 from pipelines.superposition import SuperpositionPipeline
 
 

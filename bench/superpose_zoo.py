@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.single import RESULTS, device_name
+from bench import RESULTS
 from composer import registry
+from composer.device import device_name
 from toyworld.measure import DEFAULT_SAMPLER, generate_labels
 
 WARM, COOL = ("red", "yellow"), ("green", "blue")

@@ -54,7 +54,7 @@ def _load_recipe(args: argparse.Namespace):
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from composer.merge.export import export
+    from composer.engine import export
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
@@ -68,6 +68,7 @@ def _lora(args: argparse.Namespace) -> int:
     from contextlib import ExitStack
 
     from composer import registry
+    from composer.checkpoints.lora_files import write_lora
     from composer.merge import lora
 
     start = time.perf_counter()
@@ -100,22 +101,19 @@ def _lora(args: argparse.Namespace) -> int:
             )
         }
     else:
-        from composer.merge.export import ModelFiles
+        from composer.export import open_model
 
         if len(args.inputs) != 2:
             raise RecipeError("lora extract: give two models, BASE then TUNED")
         with ExitStack() as stack:
-            base, tuned = (
-                ModelFiles(registry.resolve_model(ref, "model"), "model", stack)
-                for ref in args.inputs
-            )
+            base, tuned = (open_model(ref, "model", stack) for ref in args.inputs)
             pairs = lora.extract_models(tuned, base, args.rank or 8)
         meta = {
             "composer_lora_extract": json.dumps(
                 {"base": args.inputs[0], "tuned": args.inputs[1], "rank": args.rank or 8}
             )
         }
-    lora.write_lora(str(out), pairs, meta)
+    write_lora(str(out), pairs, meta)
     print(
         json.dumps(
             {
@@ -132,7 +130,7 @@ def _bake(args: argparse.Namespace, out: Path) -> int:
     """``lora bake MODEL LORA[:strength] ...``: the model with its LoRAs baked in, as one
     single-file checkpoint, by exporting the ``single`` recipe of that model and those LoRAs."""
     from composer import registry
-    from composer.merge.export import export
+    from composer.engine import export
     from composer.recipe import parse
 
     if len(args.inputs) < 2:
@@ -197,9 +195,11 @@ def _summary(card: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from composer.merge.registry import LORA_MERGE_METHODS
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["aggregate"]:  # its own options: python -m composer.aggregate
-        from composer import aggregate
+    if argv[:1] == ["aggregate"]:  # its own options: python -m composer aggregate train --help
+        from composer.training import cli as aggregate
 
         return aggregate.main(argv[1:])
     parser = argparse.ArgumentParser(
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     lora.add_argument("--out", required=True)
     lora.add_argument("--strength", type=float, nargs="+", help="merge: one per LoRA (1.0)")
-    lora.add_argument("--method", choices=["concat", "ties", "dare_ties", "dare"], default="concat")
+    lora.add_argument("--method", choices=LORA_MERGE_METHODS, default="concat")
     lora.add_argument("--rank", type=int, default=None, help="SVD to this rank (extract: 8)")
     lora.add_argument("--density", type=float, default=0.2)
     lora.add_argument("--seed", type=int, default=0)

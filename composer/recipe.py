@@ -10,29 +10,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 VERSION = 1
-METHODS = ("single", "merge", "superpose", "aggregate")
-MERGE_METHODS = (
-    "weighted_sum",
-    "add_difference",
-    "task_arithmetic",
-    "slerp",
-    "ties",
-    "dare",
-    "dare_ties",
-    "model_stock",
-    "consensus",
-)
-SIGN_RULES = ("mass", "count")
-TRIM_SCOPES = ("tensor", "model")
-SUPERPOSE_MODES = ("or", "and", "average", "joint")
-"""SuperDiff OR and AND, and the paper's two baselines: fixed weights (softmax of the bias, equal
-without one) and one joint prompt (the experts' prompts joined with " and ", first expert's
-model)."""
 MAX_EXPERTS = 8
 MAX_LORAS = 8
 MAX_STEPS = 150
@@ -110,53 +92,36 @@ class Sampler:
 
 
 @dataclass(frozen=True)
-class Merge:
-    method: str = "weighted_sum"
-    base: str | None = None
-    density: float = 0.2
-    lambda_: float = 1.0
-    seed: int = 0
-    block_weights: tuple[float, ...] | None = None
-    overrides: tuple[tuple[str, float], ...] = ()
-    """Per-parameter regex → coefficient, applied after the block weights (last match wins)."""
-    sign_rule: str = "mass"
-    """TIES/DARE-TIES sign election: ``mass`` (the paper) or ``count``."""
-    trim_scope: str = "tensor"
-    """TIES trim thresholds per ``tensor`` (peft, most tools) or over the whole ``model`` (the
-    TIES reference code)."""
-    consensus_of: str = "task_arithmetic"
-    """``consensus``: the merge its masks are applied to, ``task_arithmetic`` or ``ties``."""
-    consensus_k: int = 2
-    mask_lambda: float = 0.4
-
-
-@dataclass(frozen=True)
-class Superpose:
-    mode: str = "or"
-    temperature: float | None = None
-    """T of the OR softmax; ``None``: the guidance scale (OR of the guided experts)."""
-    bias: tuple[float, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Aggregate:
-    aggregator: str | None = None
-
-
-@dataclass(frozen=True)
 class Recipe:
     prompt: str
     experts: tuple[Expert, ...]
     negative_prompt: str = ""
     method: str = "single"
     sampler: Sampler = field(default_factory=Sampler)
-    merge: Merge | None = None
-    superpose: Superpose | None = None
-    aggregate: Aggregate | None = None
+    sections: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    """Method name → its parsed section (``composer.methods``), for every section the recipe
+    holds; a section of a method other than the chosen one is kept as given."""
     version: int = VERSION
+
+    def __getattr__(self, name: str) -> Any:
+        """``recipe.merge``, ``recipe.superpose``, …: that method's section, ``None`` if absent."""
+        from composer.methods import METHODS
+
+        if name in METHODS and METHODS[name].section is not None:
+            return self.sections.get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def settings(self) -> Any:
+        """The chosen method's section, or its defaults when the recipe gives none."""
+        from composer.methods import METHODS
+
+        return METHODS[self.method].settings(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form of ../shared/RECIPE.md; absent method sections stay absent."""
+        from composer.methods import METHODS
+
         out: dict[str, Any] = {
             "version": self.version,
             "prompt": self.prompt,
@@ -172,16 +137,9 @@ class Recipe:
                 for e in self.experts
             ],
         }
-        if self.merge is not None:
-            merge = asdict(self.merge)
-            merge["lambda"] = merge.pop("lambda_")
-            merge["block_weights"] = _listed(merge["block_weights"])
-            merge["overrides"] = [{"pattern": p, "weight": w} for p, w in self.merge.overrides]
-            out["merge"] = merge
-        if self.superpose is not None:
-            out["superpose"] = {**asdict(self.superpose), "bias": _listed(self.superpose.bias)}
-        if self.aggregate is not None:
-            out["aggregate"] = asdict(self.aggregate)
+        for name, method in METHODS.items():
+            if self.sections.get(name) is not None:
+                out[name] = method.section_json(self.sections[name])
         out["sampler"] = asdict(self.sampler)
         return out
 
@@ -207,49 +165,48 @@ ModelCheck = Callable[[str, str, str], None]
 def parse(data: dict | str, check: ModelCheck | None = None) -> Recipe:
     """Validate ``data`` (a dict or JSON text) and return a ``Recipe``.
 
-    ``check`` resolves model references (``composer.registry.check_reference``); without it only
-    the form of each reference is checked, which is what reading a PNG from elsewhere needs.
+    The common fields are read here; each method's section by that method
+    (``composer.methods``). ``check`` resolves model references
+    (``composer.registry.check_reference``); without it only the form of each reference is
+    checked, which is what reading a PNG from elsewhere needs.
     """
+    from composer.methods import METHODS
+
     if isinstance(data, (str, bytes)):
         try:
             data = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RecipeError(f"recipe: not valid JSON ({e})") from None
-    obj = _Fields("recipe", data)
+    obj = Fields("recipe", data)
     version = obj.integer("version", default=VERSION, low=VERSION, high=VERSION)
     prompt = obj.text("prompt", required=True)
     negative = obj.text("negative_prompt", default="")
-    method = obj.choice("method", METHODS, default="single")
+    name = obj.choice("method", tuple(METHODS), default="single")
     experts = tuple(
         _expert(f"experts[{i}]", e)
         for i, e in enumerate(obj.array("experts", required=True, low=1, high=MAX_EXPERTS))
     )
-    merge = _merge(obj.section("merge"), len(experts))
-    superpose = _superpose(obj.section("superpose"), len(experts))
-    aggregate = _aggregate(obj.section("aggregate"))
-    sampler = _sampler(obj.section("sampler") or _Fields("sampler", {}))
+    sections = {}
+    for key, method in METHODS.items():
+        fields = obj.section(key) if method.parse_section is not None else None
+        if fields is not None:
+            sections[key] = method.parse_section(fields, len(experts))
+            fields.done()
+    sampler = _sampler(obj.section("sampler") or Fields("sampler", {}))
     obj.done()
 
-    wanted = {
-        "single": (1, 1),
-        "merge": (2, MAX_EXPERTS),
-        "superpose": (2, MAX_EXPERTS),
-        "aggregate": (2, MAX_EXPERTS),
-    }[method]
-    if not wanted[0] <= len(experts) <= wanted[1]:
-        need = (
-            "exactly 1 expert" if wanted[0] == wanted[1] else f"{wanted[0]} to {wanted[1]} experts"
-        )
-        raise RecipeError(f"experts: method '{method}' needs {need}, got {len(experts)}")
+    method = METHODS[name]
+    low, high = method.experts
+    if not low <= len(experts) <= high:
+        need = "exactly 1 expert" if low == high == 1 else f"{low} to {high} experts"
+        raise RecipeError(f"experts: method '{name}' needs {need}, got {len(experts)}")
     recipe = Recipe(
         prompt=prompt,
         negative_prompt=negative,
-        method=method,
+        method=name,
         experts=experts,
         sampler=sampler,
-        merge=merge,
-        superpose=superpose,
-        aggregate=aggregate,
+        sections=sections,
         version=version,
     )
     if check is not None:
@@ -257,15 +214,17 @@ def parse(data: dict | str, check: ModelCheck | None = None) -> Recipe:
             check("model", e.model, f"experts[{i}].model")
             for j, lo in enumerate(e.loras):
                 check("lora", lo.path, f"experts[{i}].loras[{j}].path")
-        if merge is not None and merge.base is not None:
-            check("model", merge.base, "merge.base")
-        if aggregate is not None and aggregate.aggregator is not None:
-            check("aggregator", aggregate.aggregator, "aggregate.aggregator")
+        for key, method in METHODS.items():
+            if key in sections:
+                for where, reference in method.models(recipe).items():
+                    check("model", reference, where)
+                for kind, reference, where in method.references(recipe):
+                    check(kind, reference, where)
     return recipe
 
 
 def _expert(where: str, data: Any) -> Expert:
-    obj = _Fields(where, data)
+    obj = Fields(where, data)
     model = obj.reference("model", required=True)
     loras = tuple(
         _lora(f"{where}.loras[{j}]", lo)
@@ -278,7 +237,7 @@ def _expert(where: str, data: Any) -> Expert:
 
 
 def _lora(where: str, data: Any) -> Lora:
-    obj = _Fields(where, data)
+    obj = Fields(where, data)
     lora = Lora(
         path=obj.reference("path", required=True),
         weight=obj.number("weight", default=1.0, low=-10.0, high=10.0),
@@ -287,68 +246,7 @@ def _lora(where: str, data: Any) -> Lora:
     return lora
 
 
-def _merge(obj: _Fields | None, n_experts: int) -> Merge | None:
-    if obj is None:
-        return None
-    merge = Merge(
-        method=obj.choice("method", MERGE_METHODS, default="weighted_sum"),
-        base=obj.reference("base", default=None, nullable=True),
-        density=obj.number("density", default=0.2, low=0.0, high=1.0),
-        lambda_=obj.number("lambda", default=1.0, low=-10.0, high=10.0),
-        seed=obj.integer("seed", default=0, low=0, high=MAX_SEED),
-        block_weights=obj.numbers("block_weights", default=None, low=-10.0, high=10.0),
-        overrides=tuple(
-            _override(f"{obj.where}.overrides[{j}]", o)
-            for j, o in enumerate(obj.array("overrides", default=[], high=64))
-        ),
-        sign_rule=obj.choice("sign_rule", SIGN_RULES, default="mass"),
-        trim_scope=obj.choice("trim_scope", TRIM_SCOPES, default="tensor"),
-        consensus_of=obj.choice(
-            "consensus_of", ("task_arithmetic", "ties"), default="task_arithmetic"
-        ),
-        consensus_k=obj.integer("consensus_k", default=2, low=1, high=MAX_EXPERTS),
-        mask_lambda=obj.number("mask_lambda", default=0.4, low=0.0, high=10.0),
-    )
-    obj.done()
-    return merge
-
-
-def _override(where: str, data: Any) -> tuple[str, float]:
-    obj = _Fields(where, data)
-    pattern = obj.text("pattern", required=True)
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise RecipeError(
-            f"{where}.pattern: {pattern!r} is not accepted; expected a Python regular "
-            f"expression ({e})"
-        ) from None
-    weight = obj.number("weight", default=1.0, low=-10.0, high=10.0)
-    obj.done()
-    return pattern, weight
-
-
-def _superpose(obj: _Fields | None, n_experts: int) -> Superpose | None:
-    if obj is None:
-        return None
-    superpose = Superpose(
-        mode=obj.choice("mode", SUPERPOSE_MODES, default="or"),
-        temperature=obj.number("temperature", default=None, low=1e-3, high=100.0, nullable=True),
-        bias=obj.numbers("bias", default=None, low=-50.0, high=50.0, length=n_experts),
-    )
-    obj.done()
-    return superpose
-
-
-def _aggregate(obj: _Fields | None) -> Aggregate | None:
-    if obj is None:
-        return None
-    aggregate = Aggregate(aggregator=obj.reference("aggregator", default=None, nullable=True))
-    obj.done()
-    return aggregate
-
-
-def _sampler(obj: _Fields) -> Sampler:
+def _sampler(obj: Fields) -> Sampler:
     sampler = Sampler(
         scheduler=obj.scheduler("scheduler", default="euler"),
         steps=obj.integer("steps", default=20, low=1, high=MAX_STEPS),
@@ -396,7 +294,7 @@ def _jsonable(value: Any) -> bool:
         return False
 
 
-class _Fields:
+class Fields:
     """Reads the fields of one JSON object, each with its own check, and remembers which were
     read so that ``done`` can name a field nobody asked for (usually a typo)."""
 
@@ -508,12 +406,12 @@ class _Fields:
             raise self._fail(key, value, f"a list of {low} to {high} entries")
         return value
 
-    def section(self, key: str) -> _Fields | None:
+    def section(self, key: str) -> Fields | None:
         value = self._get(key, None, False)
         return (
             None
             if value is None
-            else _Fields(f"{self.where}.{key}" if self.where != "recipe" else key, value)
+            else Fields(f"{self.where}.{key}" if self.where != "recipe" else key, value)
         )
 
     def reference(

@@ -29,7 +29,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+# re-exported for the engine and the benchmarks, which hash models through the registry
+from composer.checkpoints.hashing import _HASHES, file_sha256, model_file  # noqa: F401
 from composer.checkpoints.ldm_format import CONFIG_KEY
+from composer.device import pick_device
 from composer.recipe import RecipeError, looks_like_hub_id
 
 ASSETS = Path(
@@ -66,54 +69,70 @@ class Source:
     location: str
 
 
-def resolve_model(reference: str, where: str = "model") -> Source:
-    models = bundled("models")
-    if reference in models:
-        return Source(reference, "bundled", str(models[reference]))
+@dataclass(frozen=True)
+class _Kind:
+    """What a reference of one kind may name: a bundled folder under ``ASSETS / folder``, a local
+    folder holding ``marker``, a weights file, or a Hub id; and the messages that refuse the rest
+    (formatted with ``where``, ``reference`` (repr) and ``names``, the bundled ones)."""
+
+    folder: str
+    marker: str
+    not_a_folder: str
+    missing: str
+    unknown: str
+
+
+_MODELS = _Kind(
+    "models",
+    "model_index.json",
+    not_a_folder="{where}: {reference} is a folder but not a diffusers pipeline "
+    "(it has no model_index.json)",
+    missing="{where}: {reference} does not exist",
+    unknown="{where}: unknown model {reference}; expected a bundled model ({names}), a diffusers "
+    "folder, a .safetensors file or a Hub id (owner/name)",
+)
+_LORAS = _Kind(
+    "loras",
+    LORA_FILE,
+    not_a_folder="{where}: {reference} is not a LoRA file or a folder holding " + LORA_FILE,
+    missing="{where}: {reference} is not a LoRA file or a folder holding " + LORA_FILE,
+    unknown="{where}: unknown LoRA {reference}; expected a bundled LoRA ({names}), a "
+    ".safetensors file or a Hub id (owner/name)",
+)
+
+
+def _resolve(reference: str, where: str, kind: _Kind) -> Source:
+    names = bundled(kind.folder)
+    if reference in names:
+        return Source(reference, "bundled", str(names[reference]))
     path = Path(reference).expanduser()
+    shown = {"where": where, "reference": repr(reference), "names": ", ".join(names)}
     if _looks_like_path(reference) or path.exists():
         if path.is_dir():
-            if (path / "model_index.json").is_file():
+            if (path / kind.marker).is_file():
                 return Source(reference, "folder", str(path.resolve()))
-            raise RecipeError(
-                f"{where}: {reference!r} is a folder but not a diffusers pipeline "
-                "(it has no model_index.json)"
-            )
+            raise RecipeError(kind.not_a_folder.format(**shown))
         if path.is_file():
             _check_weights_file(path, where)
             return Source(reference, "single_file", str(path.resolve()))
-        raise RecipeError(f"{where}: {reference!r} does not exist")
+        raise RecipeError(kind.missing.format(**shown))
     if looks_like_hub_id(reference):
         return Source(reference, "hub", reference)
-    raise RecipeError(
-        f"{where}: unknown model {reference!r}; expected a bundled model ("
-        + ", ".join(models)
-        + "), a diffusers folder, a .safetensors file or a Hub id (owner/name)"
-    )
+    raise RecipeError(kind.unknown.format(**shown))
+
+
+def resolve_model(reference: str, where: str = "model") -> Source:
+    return _resolve(reference, where, _MODELS)
 
 
 def resolve_lora(reference: str, where: str = "lora") -> str:
     """A LoRA reference → the path of its weights file, or a Hub id."""
-    loras = bundled("loras")
-    if reference in loras:
-        return str(loras[reference] / LORA_FILE)
-    path = Path(reference).expanduser()
-    if _looks_like_path(reference) or path.exists():
-        if path.is_dir() and (path / LORA_FILE).is_file():
-            return str((path / LORA_FILE).resolve())
-        if path.is_file():
-            _check_weights_file(path, where)
-            return str(path.resolve())
-        raise RecipeError(
-            f"{where}: {reference!r} is not a LoRA file or a folder holding {LORA_FILE}"
-        )
-    if looks_like_hub_id(reference):
-        return reference
-    raise RecipeError(
-        f"{where}: unknown LoRA {reference!r}; expected a bundled LoRA ("
-        + ", ".join(loras)
-        + "), a .safetensors file or a Hub id (owner/name)"
-    )
+    source = _resolve(reference, where, _LORAS)
+    if source.kind == "bundled":
+        return str(Path(source.location) / LORA_FILE)
+    if source.kind == "folder":
+        return str((Path(source.location) / LORA_FILE).resolve())
+    return source.location
 
 
 def resolve_aggregator(reference: str, where: str = "aggregator") -> str:
@@ -213,15 +232,6 @@ def latent_signature(pipe) -> tuple:
 
 
 # --- loading -------------------------------------------------------------------------------------
-
-
-def pick_device() -> tuple[torch.device, torch.dtype]:
-    """CUDA in fp16, else Apple MPS in fp16, else CPU in fp32 (ARCHITECTURE.md, device policy)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.float16
-    if torch.backends.mps.is_available():
-        return torch.device("mps"), torch.float16
-    return torch.device("cpu"), torch.float32
 
 
 def _pipeline_class(source: Source):
@@ -455,34 +465,3 @@ class ModelCache:
 
 
 CACHE = ModelCache()
-
-
-def file_sha256(path: str | Path, body_only: bool = False) -> str:
-    """sha256 of a file, or of a safetensors file's body after its header (the LoRA hash that
-    AUTOMATIC1111 and Civitai show). Cached by (path, size, mtime): checkpoints are gigabytes."""
-    path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, body_only)
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            if body_only:
-                header = int.from_bytes(f.read(8), "little")
-                f.seek(8 + header)
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
-
-
-_HASHES: dict[tuple, str] = {}
-
-
-def model_file(source: Source) -> Path | None:
-    """The file whose hash identifies a model (the U-Net weights of a folder)."""
-    if source.kind == "single_file":
-        return Path(source.location)
-    if source.kind in ("bundled", "folder"):
-        unet = Path(source.location) / "unet" / "diffusion_pytorch_model.safetensors"
-        return unet if unet.is_file() else None
-    return None

@@ -1,4 +1,4 @@
-"""``python -m composer.aggregate train``: an aggregator for the user's own experts and images."""
+"""``python -m composer aggregate train``: an aggregator for the user's own experts and images."""
 
 import json
 import subprocess
@@ -10,8 +10,9 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from composer import aggregate
 from composer.__main__ import main as composer_main
+from composer.training.cli import main as aggregate_main
+from composer.training.data import buckets, load_pixels, nearest_bucket
 from pipelines.aggregation import Aggregator
 from tests.conftest import build_sdxl
 
@@ -31,7 +32,7 @@ def data(tmp_path_factory):
 
 
 def run(*args):
-    return aggregate.main(["train", *map(str, args)])
+    return aggregate_main(["train", *map(str, args)])
 
 
 def unets(*models, cls=StableDiffusionPipeline):
@@ -149,12 +150,12 @@ def kohya_buckets(size, low, high, step):
 
 def test_buckets_are_kohyas():
     """At 512 with SD's size step 64, kohya's defaults (sides 256 … 1024) are the 4:1 limit."""
-    assert aggregate.buckets(512, 64) == kohya_buckets(512, 256, 1024, 64)
-    assert all(w * h <= 1024**2 for w, h in aggregate.buckets(1024, 64))
+    assert buckets(512, 64) == kohya_buckets(512, 256, 1024, 64)
+    assert all(w * h <= 1024**2 for w, h in buckets(1024, 64))
     # 3:2 (log 0.405) lies nearest 640×384 (5:3, log 0.511); 576×448 is 9:7 (log 0.251).
-    assert aggregate.nearest_bucket(768, 512, aggregate.buckets(512, 64)) == (640, 384)
-    assert aggregate.nearest_bucket(300, 300, aggregate.buckets(512, 64)) == (512, 512)
-    assert aggregate.nearest_bucket(512, 4000, aggregate.buckets(512, 64)) == (256, 1024)
+    assert nearest_bucket(768, 512, buckets(512, 64)) == (640, 384)
+    assert nearest_bucket(300, 300, buckets(512, 64)) == (512, 512)
+    assert nearest_bucket(512, 4000, buckets(512, 64)) == (256, 1024)
 
 
 def test_wide_pictures_keep_their_sides_and_train_in_their_bucket(
@@ -173,7 +174,7 @@ def test_wide_pictures_keep_their_sides_and_train_in_their_bucket(
     for i in range(2):
         Image.fromarray(stripes).save(folder / f"wide{i}.png")
         Image.new("RGB", (16, 16), (0, 128, 0)).save(folder / f"square{i}.png")
-    pixels = aggregate.load_pixels([folder / "wide0.png"], 24, 8)[0]
+    pixels = load_pixels([folder / "wide0.png"], 24, 8)[0]
     assert pixels.shape == (3, 8, 24)
     assert torch.allclose(pixels[:, :, 0], torch.tensor([1.0, -1, -1])[:, None], atol=0.05)
     assert torch.allclose(pixels[:, :, -1], torch.tensor([-1.0, -1, 1])[:, None], atol=0.05)

@@ -1,18 +1,22 @@
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
 
 import gradio as gr
 import pytest
 from PIL import Image
 
-import app
+from composer import registry
+from composer.methods.aggregate import aggregator_experts
+from composer.methods.superpose import PAGE_EXPERTS, bias_of, shares_of
 from composer.recipe import RecipeError, parse
 from composer.sharing.links import decode_recipe
 from composer.sharing.pnginfo import read_recipe
 from composer.sharing.store import Store
+from ui import form, handlers, views
+from ui.handlers import OUTPUT_DIR
+from ui.page import build
 
 
 def recipe_json(model, **sampler):
@@ -36,7 +40,6 @@ def recipe_json(model, **sampler):
 
 
 def test_controls_and_recipe_convert_both_ways(tiny_sd1, tiny_lora):
-    app.build()
     recipe = parse(
         {
             "prompt": "a",
@@ -53,9 +56,9 @@ def test_controls_and_recipe_convert_both_ways(tiny_sd1, tiny_lora):
             },
         }
     )
-    values = app.control_values(recipe)
-    assert len(values) == len(app.CONTROLS)
-    assert parse(app.recipe_dict(*values)) == recipe
+    values = form.from_recipe(recipe)
+    assert set(values) <= set(form.names())
+    assert parse(form.to_recipe(values)) == recipe
 
 
 @pytest.mark.parametrize(
@@ -70,7 +73,6 @@ def test_controls_and_recipe_convert_both_ways(tiny_sd1, tiny_lora):
 def test_superpose_controls_and_recipe_convert_both_ways(
     tiny_sd1, tiny_sd1_other, tiny_lora, superpose
 ):
-    app.build()
     recipe = parse(
         {
             "prompt": "main",
@@ -84,17 +86,15 @@ def test_superpose_controls_and_recipe_convert_both_ways(
             "sampler": {"steps": 9, "seed": 4, "num_images": 2},
         }
     )
-    values = app.control_values(recipe)
-    named = dict(zip(app.control_names(), values, strict=True))
-    assert named["method"] == "superpose" and named["shown"] == 3
-    assert named["expert1.prompt"] == "second" and named["expert0.prompt"] == ""
-    assert named["temperature_cfg"] is (superpose["temperature"] is None)
-    assert parse(app.recipe_dict(*values)) == recipe  # the exact bias survives the round trip
+    named = form.from_recipe(recipe)
+    assert named["method"] == "superpose" and named["superpose.shown"] == 3
+    assert named["superpose.1.prompt"] == "second" and named["superpose.0.prompt"] == ""
+    assert named["superpose.temperature_cfg"] is (superpose["temperature"] is None)
+    assert parse(form.to_recipe(named)) == recipe  # the exact bias survives the round trip
 
 
 @pytest.mark.parametrize("aggregator", [None, "toy-warm-cool"])
 def test_aggregate_controls_and_recipe_convert_both_ways(tiny_sd1, tiny_sd1_other, aggregator):
-    app.build()
     recipe = parse(
         {
             "prompt": "a red circle and a blue square",
@@ -104,44 +104,41 @@ def test_aggregate_controls_and_recipe_convert_both_ways(tiny_sd1, tiny_sd1_othe
             "sampler": {"steps": 7, "seed": 2, "width": 64, "height": 32},
         }
     )
-    values = app.control_values(recipe)
-    named = dict(zip(app.control_names(), values, strict=True))
-    assert named["method"] == "aggregate" and named["aggregate_shown"] == 3
-    assert named["aggregate2.model"] == tiny_sd1
-    assert parse(app.recipe_dict(*values)) == recipe
+    named = form.from_recipe(recipe)
+    assert named["method"] == "aggregate" and named["aggregate.shown"] == 3
+    assert named["aggregate.2.model"] == tiny_sd1
+    assert parse(form.to_recipe(named)) == recipe
     # each expert's own prompt (a part of the picture) has a box on the tab too
     parts = parse({**recipe.to_dict(), "experts": [
         {"model": tiny_sd1, "prompt": "a red circle"}, {"model": tiny_sd1_other}]})  # fmt: skip
-    assert app.fits_page(parts)
-    values = app.control_values(parts)
-    named = dict(zip(app.control_names(), values, strict=True))
-    assert named["aggregate0.prompt"] == "a red circle" and named["aggregate1.prompt"] == ""
-    assert parse(app.recipe_dict(*values)) == parts
+    assert form.fits(parts)
+    named = form.from_recipe(parts)
+    assert named["aggregate.0.prompt"] == "a red circle" and named["aggregate.1.prompt"] == ""
+    assert parse(form.to_recipe(named)) == parts
     star = {"model": tiny_sd1, "loras": [{"path": "toy-star"}]}
     with_lora = parse({**recipe.to_dict(), "experts": [star, {"model": tiny_sd1_other}]})
-    assert not app.fits_page(with_lora)
+    assert not form.fits(with_lora)
 
 
 def test_choosing_the_bundled_aggregator_fills_in_its_experts():
-    shown, *updates = app.choose_aggregator("toy-warm-cool", 3)
-    assert shown == 2
-    rows, models = updates[: app.PAGE_EXPERTS], updates[app.PAGE_EXPERTS :]
+    updates = handlers.fill_rows("aggregate", aggregator_experts("toy-warm-cool"), 3)
+    assert updates["aggregate.shown"] == 2
+    rows = [updates[f"aggregate.row{k}"] for k in range(PAGE_EXPERTS)]
     assert [r["visible"] for r in rows] == [True, True, False, False]
-    assert [m.get("value") for m in models[:2]] == ["toy-warm", "toy-cool"]
-    assert app.choose_aggregator("", 3)[0] == 3  # none: the rows stay as they are
+    assert [updates[f"aggregate.{k}.model"] for k in range(2)] == ["toy-warm", "toy-cool"]
+    assert handlers.fill_rows("aggregate", aggregator_experts(""), 3) == {}  # rows stay
 
 
 def test_target_shares_are_the_exponentiated_bias():
-    assert app.shares_of([0.0, math.log(3)]) == [1.0, 3.0]
-    assert app.shares_of([2.0, 2.0]) == [1.0, 1.0]
+    assert shares_of([0.0, math.log(3)]) == [1.0, 3.0]
+    assert shares_of([2.0, 2.0]) == [1.0, 1.0]
     # an edited share replaces the restored bias; equal shares mean no bias
-    assert app.bias_of([1.0, 3.0], [0.0, 0.5]) == pytest.approx([0.0, math.log(3)])
-    assert app.bias_of([2.0, 2.0], None) is None
-    assert app.bias_of(app.shares_of([0.1, 0.9]), [0.1, 0.9]) == [0.1, 0.9]
+    assert bias_of([1.0, 3.0], [0.0, 0.5]) == pytest.approx([0.0, math.log(3)])
+    assert bias_of([2.0, 2.0], None) is None
+    assert bias_of(shares_of([0.1, 0.9]), [0.1, 0.9]) == [0.1, 0.9]
 
 
 def test_a_zero_share_is_refused_by_the_recipe_parser(tiny_sd1):
-    app.build()
     recipe = parse(
         {
             "prompt": "a",
@@ -149,23 +146,23 @@ def test_a_zero_share_is_refused_by_the_recipe_parser(tiny_sd1):
             "experts": [{"model": tiny_sd1}, {"model": tiny_sd1, "prompt": "b"}],
         }
     )
-    named = dict(zip(app.control_names(), app.control_values(recipe), strict=True))
-    named["expert1.share"] = 0.0
+    named = form.from_recipe(recipe)
+    named["superpose.1.share"] = 0.0
     with pytest.raises(RecipeError, match=r"superpose\.bias"):
-        parse(app.recipe_dict(*named.values()))
+        parse(form.to_recipe(named))
 
 
 @pytest.fixture(scope="module")
 def served():
     from gradio_client import Client
 
-    demo = app.build()
+    demo = build().demo
     demo.queue()
     demo.launch(
         prevent_thread_lock=True,
         server_name="127.0.0.1",
         server_port=None,
-        allowed_paths=[str(app.OUTPUT_DIR)],
+        allowed_paths=[str(OUTPUT_DIR)],
         quiet=True,
     )
     try:
@@ -204,15 +201,16 @@ def test_aggregate_generation_shows_the_maps_beside_the_image(tiny_sd1, tiny_sd1
         "experts": [{"model": tiny_sd1}, {"model": tiny_sd1_other}],
         "sampler": {"steps": 2, "num_images": 2},
     }
-    gallery, _, status, kappas, plot, _ = app.run_recipe(json.dumps(recipe))
+    result = handlers.run_recipe(json.dumps(recipe))
+    gallery, status, kappas = result["gallery"], result["status"], result["kappas"]
     assert len(gallery) == 2 and "2 image(s)" in status
-    assert plot["visible"] is False
-    view = app.maps_picture(kappas, 1)
+    assert result["plot"]["visible"] is False
+    view = views.maps_picture(kappas, 1)
     assert view["visible"] is True and "mid block" in view["label"] and "50%" in view["label"]
     picture = view["value"]
     image_side = 256  # 16-pixel images are shown 16× larger
     assert picture.size == (5 * image_side + 4 * 2, image_side)
-    assert app.maps_picture(None)["visible"] is False
+    assert views.maps_picture(None)["visible"] is False
 
 
 def test_superpose_endpoint_returns_kappa_per_step_for_the_plot(served, tiny_sd1):
@@ -245,11 +243,10 @@ def test_dropped_png_restores_every_control(served, tiny_sd1):
     gallery, *_ = served.predict(recipe_json(tiny_sd1), api_name="/generate")
     with Image.open(gallery[0]["image"]) as im:
         im.load()
-        values = app.restore_from_png(im)
-    n = len(app.CONTROLS)
-    controls, shown, tab = values[:n], values[n], values[n + 1]
+        values = handlers.restore_from_png(im)
+    shown, tab = values["recipe_box"], values["tabs"]
     assert tab["selected"] == "single"
-    restored = parse(app.recipe_dict(*controls))
+    restored = parse(form.to_recipe(values))
     assert restored == read_recipe(gallery[0]["image"])
     assert json.loads(shown)["sampler"]["seed"] == 11
 
@@ -258,28 +255,24 @@ def test_png_without_recipe_is_a_gradio_error():
     import gradio as gr
 
     with pytest.raises(gr.Error, match="carries no"):
-        app.restore_from_png(Image.new("RGB", (8, 8)))
+        handlers.restore_from_png(Image.new("RGB", (8, 8)))
 
 
 def test_a_recipe_the_controls_cannot_show_goes_to_the_recipe_panel(tiny_sd1):
-    import gradio as gr
 
-    app.build()
     text = json.dumps(
         {
             "prompt": "a",
             "method": "superpose",
-            "experts": [{"model": tiny_sd1, "prompt": str(k)} for k in range(app.PAGE_EXPERTS + 1)],
+            "experts": [{"model": tiny_sd1, "prompt": str(k)} for k in range(PAGE_EXPERTS + 1)],
         }
     )
-    values = app.restore_from_recipe(text)
-    n = len(app.CONTROLS)
-    assert all(v == gr.update() for v in values[:n])
-    assert json.loads(values[n])["method"] == "superpose"
+    values = handlers.restore_from_recipe(text)
+    assert not set(values) & set(form.names())  # every control stays as it was
+    assert json.loads(values["recipe_box"])["method"] == "superpose"
 
 
 def test_merge_controls_and_recipe_convert_both_ways(tiny_sd1, tiny_sd1_other):
-    app.build()
     recipe = parse(
         {
             "prompt": "merged",
@@ -302,16 +295,14 @@ def test_merge_controls_and_recipe_convert_both_ways(tiny_sd1, tiny_sd1_other):
             "sampler": {"steps": 3, "seed": 1, "num_images": 1},
         }
     )
-    values = app.control_values(recipe)
-    named = dict(zip(app.control_names(), values, strict=True))
-    assert named["merge_shown"] == 3 and named["merge.block_weights"].startswith("1, 0.5, 0")
-    assert parse(app.recipe_dict(*values)) == recipe
+    named = form.from_recipe(recipe)
+    assert named["merge.shown"] == 3 and named["merge.block_weights"].startswith("1, 0.5, 0")
+    assert parse(form.to_recipe(named)) == recipe
 
 
 def test_merge_tab_exports_a_file_that_loads_as_a_model(tiny_sd1, tiny_sd1_other):
     from safetensors import safe_open
 
-    app.build()
     recipe = parse(
         {
             "prompt": "merged",
@@ -320,11 +311,11 @@ def test_merge_tab_exports_a_file_that_loads_as_a_model(tiny_sd1, tiny_sd1_other
             "merge": {"method": "weighted_sum"},
         }
     )
-    path = app.export_merge(*app.control_values(recipe))
+    path = handlers.export(form.from_recipe(recipe))
     with safe_open(path, framework="pt") as f:
         assert json.loads(f.metadata()["composer_recipe"])["method"] == "merge"
         assert f.get_tensor(next(iter(f.keys()))).dtype.is_floating_point
-    assert parse({"prompt": "a", "experts": [{"model": path}]}, check=app.registry.check_reference)
+    assert parse({"prompt": "a", "experts": [{"model": path}]}, check=registry.check_reference)
 
 
 def test_share_endpoint_stores_the_generation_and_its_link_opens_it(
@@ -340,14 +331,14 @@ def test_share_endpoint_stores_the_generation_and_its_link_opens_it(
     assert entry.pngs == tuple(made) and entry.recipe == parse(recipe_text)
     assert decode_recipe(parse_qs(urlsplit(stateless).query)["recipe"][0]) == entry.recipe
 
-    page = app.open_link(SimpleNamespace(query_params={"id": share_id}))
-    n = len(app.CONTROLS)
-    assert parse(app.recipe_dict(*page[:n])) == entry.recipe
-    shown, status, last, rerun_recipe = page[app.RESTORED : app.RESTORED + 4]
+    page = handlers.open_link({"id": share_id})
+    assert parse(form.to_recipe(page)) == entry.recipe
+    shown, status, last, rerun_recipe = (page[k] for k in ("gallery", "status", "last",
+                                                           "rerun_recipe"))  # fmt: skip
     assert [Path(path).read_bytes() for path, _ in shown] == made
     assert share_id in status and last["paths"] == [path for path, _ in shown]
 
-    again, *_ = app.run_recipe(rerun_recipe)
+    again = handlers.run_recipe(rerun_recipe)["gallery"]
     assert [pixels(path) for path, _ in again] == [pixels(path) for path, _ in shown]
 
 
@@ -374,12 +365,11 @@ def test_share_before_any_generation_is_an_error_message(served):
 )
 def test_a_link_that_cannot_be_opened_is_a_status_message(query, message, tmp_path, monkeypatch):
     monkeypatch.setenv("COMPOSER_DATA", str(tmp_path))
-    app.build()
-    page = app.open_link(SimpleNamespace(query_params=query))
-    assert page[: app.RESTORED + 1] == [gr.update()] * (app.RESTORED + 1)
-    assert page[app.RESTORED + 1].startswith("This link cannot be opened: ")
-    assert message in page[app.RESTORED + 1]
-    assert page[-1] == gr.update(visible=False)
+    page = handlers.open_link(query)
+    assert not set(page) & {*form.names(), "gallery", "recipe_box"}  # nothing else changes
+    assert page["status"].startswith("This link cannot be opened: ")
+    assert message in page["status"]
+    assert page["rerun"] == gr.update(visible=False)
 
 
 def test_the_shared_panel_lists_listed_generations_newest_first_and_opens_them(
@@ -388,7 +378,6 @@ def test_the_shared_panel_lists_listed_generations_newest_first_and_opens_them(
     from io import BytesIO
 
     monkeypatch.setenv("COMPOSER_DATA", str(tmp_path))
-    app.build()
 
     def saved(prompt: str, listed: bool) -> tuple[str, bytes]:
         buf = BytesIO()
@@ -399,11 +388,11 @@ def test_the_shared_panel_lists_listed_generations_newest_first_and_opens_them(
     first, _ = saved("a red circle", listed=True)
     saved("not listed", listed=False)
     last, last_png = saved("a blue square", listed=True)
-    items, ids = app.list_shared()
+    items, ids = handlers.list_shared()
     assert ids == [last, first]
     assert [caption for _, caption in items] == ["single: a blue square", "single: a red circle"]
     assert Path(items[0][0]).read_bytes() == last_png
 
-    page = app.open_shared(ids, SimpleNamespace(index=1))
-    assert parse(app.recipe_dict(*page[: len(app.CONTROLS)])).prompt == "a red circle"
-    assert first in page[app.RESTORED + 1]
+    page = handlers.open_entry(ids[1])
+    assert parse(form.to_recipe(page)).prompt == "a red circle"
+    assert first in page["status"]

@@ -46,7 +46,7 @@ def test_ties_at_full_density_over_one_expert_gives_the_other(tiny_sd1, tiny_sd1
     from diffusers import UNet2DConditionModel
 
     from composer.merge.live import merged_model
-    from composer.recipe import Merge
+    from composer.merge.registry import Merge
 
     base = UNet2DConditionModel.from_pretrained(tiny_sd1, subfolder="unet")
     other = UNet2DConditionModel.from_pretrained(tiny_sd1_other, subfolder="unet")

@@ -15,7 +15,7 @@ from composer import engine, registry
 from composer.checkpoints.ldm_format import pipeline_to_ldm, save_single_file, unet_to_ldm
 from composer.recipe import RecipeError, parse
 from toyworld.tokenizer import save_tokenizer
-from toyworld.train import make_unet
+from toyworld.zoo import make_unet
 
 
 def build_wide_sdxl(folder, seed: int = 0) -> str:

@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 
 from composer import engine, registry
 from composer.__main__ import main
-from composer.merge.export import export
+from composer.export import export
 from composer.merge.live import merged_model
-from composer.recipe import Merge, RecipeError, parse
+from composer.merge.registry import Merge
+from composer.recipe import RecipeError, parse
 
 TO_Q_RANK_2 = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 TO_K_ALPHA_2 = "up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"

@@ -1,4 +1,4 @@
-"""``composer.merge.export`` on SDXL-shaped models: the SDXL single-file layout, both text
+"""``composer.export`` on SDXL-shaped models: the SDXL single-file layout, both text
 encoders merged (the second's fused OpenCLIP q/k/v taken apart for it), loading back through the
 registry, LoRAs on the second encoder."""
 
@@ -12,7 +12,7 @@ from safetensors import safe_open
 from test_ldm_format import build_wide_sdxl
 
 from composer import engine, registry
-from composer.merge.export import export
+from composer.export import export
 from composer.recipe import parse
 
 
@@ -81,7 +81,7 @@ def test_text_encoders_merge_alike_live_and_exported_from_single_files(xl_pair, 
     projection as the live merge does."""
     from composer.merge.live import merged_model
     from composer.merge.plan import COMPONENTS
-    from composer.recipe import Merge
+    from composer.merge.registry import Merge
 
     a, b = xl_pair
     files = []

@@ -67,7 +67,8 @@ def test_merged_lora_file_equals_both_adapters_active(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from composer import registry
-    from composer.merge.lora import merge_files, write_lora
+    from composer.checkpoints.lora_files import write_lora
+    from composer.merge.lora import merge_files
 
     purple = registry.resolve_lora("toy-purple")
     star = registry.resolve_lora("toy-star")

@@ -168,7 +168,7 @@ def test_whole_model_thresholds_equal_topk_over_the_concatenated_model():
 
 def test_block_weight_moves_from_the_reference_toward_the_merge():
     from composer.merge.plan import merge_tensor
-    from composer.recipe import Merge
+    from composer.merge.registry import Merge
 
     a, b, base = T([0.0, 2.0]), T([4.0, 2.0]), T([1.0, 1.0])
     half = merge_tensor(Merge("weighted_sum"), "w", None, [a, b], [1.0, 1.0], block_weight=0.5)
@@ -182,7 +182,7 @@ def test_a_parameter_every_model_holds_alike_passes_through_text_encoder_merges(
     sum by thirds would round it); base different → merged (task arithmetic θ₀ + λΣwᵢτᵢ with
     equal τᵢ is not the experts' value); integer buffers → the first expert's."""
     from composer.merge.plan import merge_parameter
-    from composer.recipe import Merge
+    from composer.merge.registry import Merge
 
     torch.manual_seed(0)
     a = torch.randn(64)
@@ -201,10 +201,10 @@ def test_a_parameter_every_model_holds_alike_passes_through_text_encoder_merges(
 
 def test_incompatible_models_are_named_with_the_first_mismatch():
     from composer.merge.plan import check_compatible
-    from composer.recipe import RecipeError
+    from composer.merge.registry import MergeError
 
     sd1 = {"conv_in.weight": (320, 4, 3, 3), "mid_block.x": (4,)}
-    with pytest.raises(RecipeError, match=r"'a' and 'b' cannot be merged: in their U-Nets, conv"):
+    with pytest.raises(MergeError, match=r"'a' and 'b' cannot be merged: in their U-Nets, conv"):
         check_compatible([("a", sd1), ("b", {**sd1, "conv_in.weight": (64, 4, 3, 3)})])
-    with pytest.raises(RecipeError, match=r"'a' and 'xl' cannot be merged.*xl has add_embedding"):
+    with pytest.raises(MergeError, match=r"'a' and 'xl' cannot be merged.*xl has add_embedding"):
         check_compatible([("a", sd1), ("xl", {**sd1, "add_embedding.w": (1,)})])

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import app
 from composer.recipe import parse
 from composer.sharing.links import recipe_link
 from composer.sharing.pnginfo import read_recipe
+from ui.handlers import OUTPUT_DIR
+from ui.page import build
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 expect = sync_api.expect
@@ -47,13 +48,13 @@ def base_url(tmp_path_factory):
     """The app on a free port, sharing into a fresh data folder."""
     previous = os.environ.get("COMPOSER_DATA")
     os.environ["COMPOSER_DATA"] = str(tmp_path_factory.mktemp("share-data"))
-    demo = app.build()
+    demo = build().demo
     demo.queue()
     demo.launch(
         prevent_thread_lock=True,
         server_name="127.0.0.1",
         server_port=None,
-        allowed_paths=[str(app.OUTPUT_DIR)],
+        allowed_paths=[str(OUTPUT_DIR)],
         quiet=True,
     )
     try:

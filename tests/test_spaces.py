@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-import app
+from composer.methods.merge import GPU_SECONDS_PER_MERGED_EXPERT
 from composer.recipe import parse
 from composer.sharing.store import Store
+from ui import run
 
-ROOT = Path(app.__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 TOY = {
     "prompt": "a red circle",
     "experts": [{"model": "toy-warm"}],
@@ -39,7 +40,7 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_gpu_seconds_grow_with_steps_experts_and_images():
     def seconds(method="single", experts=1, **sampler):
-        return app.gpu_seconds(
+        return run.gpu_seconds(
             parse(
                 {
                     "prompt": "a",
@@ -51,18 +52,18 @@ def test_gpu_seconds_grow_with_steps_experts_and_images():
         )
 
     def work(n: int) -> float:  # seconds for n times the U-Net calls of ``single``
-        return app.GPU_SECONDS_BASE + n * (single - app.GPU_SECONDS_BASE)
+        return run.GPU_SECONDS_BASE + n * (single - run.GPU_SECONDS_BASE)
 
     single = seconds()
-    assert isinstance(single, int) and single > app.GPU_SECONDS_BASE
+    assert isinstance(single, int) and single > run.GPU_SECONDS_BASE
     assert seconds(steps=40) == pytest.approx(work(2), abs=1)  # rounded up to whole seconds
     assert seconds(num_images=4) == pytest.approx(work(4), abs=1)
     assert seconds("superpose", 3) == pytest.approx(work(3), abs=1)
     assert seconds("superpose", 3, steps=40, num_images=4) == pytest.approx(work(24), abs=1)
     assert seconds("aggregate", 2) == seconds("superpose", 2)
-    assert seconds("merge", 3) == single + 3 * app.GPU_SECONDS_PER_MERGED_EXPERT
+    assert seconds("merge", 3) == single + 3 * GPU_SECONDS_PER_MERGED_EXPERT
     assert seconds(width=512, height=512) < single  # the native size is assumed to be 1024²
-    assert seconds("superpose", 8, steps=150, num_images=16) == app.GPU_SECONDS_MAX
+    assert seconds("superpose", 8, steps=150, num_images=16) == run.GPU_SECONDS_MAX
 
 
 def test_on_zerogpu_sampling_runs_inside_spaces_gpu_with_its_duration(tmp_path):
@@ -85,14 +86,15 @@ def test_on_zerogpu_sampling_runs_inside_spaces_gpu_with_its_duration(tmp_path):
         f"""
         import json, sys
         sys.path.insert(0, {str(fake.parent)!r})
-        import app, spaces
-        gallery, *_ = app.run_recipe({json.dumps(TOY)!r})
+        import spaces
+        from ui import handlers
+        gallery = handlers.run_recipe({json.dumps(TOY)!r})["gallery"]
         print(json.dumps({{"asked": spaces.ASKED, "images": len(gallery)}}))
         """
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result == {"asked": [app.gpu_seconds(parse(TOY))], "images": 2}
+    assert result == {"asked": [run.gpu_seconds(parse(TOY))], "images": 2}
 
 
 def test_without_the_spaces_package_the_app_runs_unchanged():
@@ -100,9 +102,9 @@ def test_without_the_spaces_package_the_app_runs_unchanged():
         f"""
         import json, sys
         sys.modules["spaces"] = None  # import spaces now raises ImportError
-        import app
-        assert app.spaces is None and app.on_gpu(print) is print
-        gallery, *_ = app.run_recipe({json.dumps(TOY)!r})
+        from ui import handlers, run
+        assert run.spaces is None and run.on_gpu(print) is print
+        gallery = handlers.run_recipe({json.dumps(TOY)!r})["gallery"]
         print(len(gallery))
         """
     )
@@ -165,6 +167,6 @@ def test_preload_puts_every_bundled_model_in_the_cache(monkeypatch):
 
     cache = registry.ModelCache()
     monkeypatch.setattr(registry, "CACHE", cache)
-    app.preload()
+    run.preload()
     models = registry.bundled("models")
     assert models and all(str(folder) in cache for folder in models.values())

@@ -23,7 +23,8 @@ from bench.merge_zoo import (
     weighted_experts,
 )
 from composer import registry
-from composer.merge.lora import merge_files, write_lora
+from composer.checkpoints.lora_files import write_lora
+from composer.merge.lora import merge_files
 from toyworld.measure import DEFAULT_SAMPLER
 
 SEEDS = 8

@@ -13,10 +13,10 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.single import device_name
 from composer import registry
+from composer.device import device_name
 from toyworld.measure import CHECKS, DEFAULT_SAMPLER, measure
-from toyworld.train import DOMAINS, LORA_NAMES, MODEL_NAMES
+from toyworld.zoo import DOMAINS, LORA_NAMES, MODEL_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = {

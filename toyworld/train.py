@@ -23,70 +23,36 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
+from composer.device import device_name
 from toyworld.captions import captions
-from toyworld.render import COLORS, NATIVE_SIZE, render_batch
+from toyworld.render import COLORS, render_batch
 from toyworld.tokenizer import save_tokenizer
+from toyworld.zoo import (
+    DOMAINS,
+    LORA_NAMES,
+    MODEL_NAMES,
+    TOKENS,
+    TRAIN_SCHEDULER,
+    Domain,
+    make_text_encoder,
+    make_unet,
+    make_vae,
+    save_lora,
+    save_model,
+    save_scheduler,
+)
 
-PLAIN_SHAPES = ("circle", "square", "triangle")
-TOKENS = 16  # longest toy caption ("a red circle and a blue square on the left") + 2
-
-
-@dataclass(frozen=True)
-class Domain:
-    """What one model or LoRA of the zoo is trained on."""
-
-    colors: tuple[str, ...]
-    shapes: tuple[str, ...]
-    keep: tuple[str, ...] = ()
-    """Colour words whose drawing the fine-tune keeps as the base draws it (gray): prior
-    preservation, as DreamBooth does it (Ruiz et al. 2023, §3.3), with rendered gray shapes
-    standing in for the base's own samples (the base draws every colour word gray).
-
-    Why: the first ``warm`` and ``cool`` were fine-tuned on their own colours only, and each
-    re-learned every colour word as its own: toy-cool drew "a red circle" green (8 of 8 seeds),
-    toy-warm drew "a blue square" yellow. Their task vectors then fought over the same words,
-    and every merge of the two (TIES included) drew purple (bench/results/merge-zoo-cpu.json
-    before this change). Real fine-tunes of SD keep most of what the base knows; with this term
-    the toy ones do too, and a merge has something to keep from each."""
-
-
-DOMAINS = {
-    "base": Domain(("gray",), PLAIN_SHAPES),
-    "warm": Domain(("red", "yellow"), PLAIN_SHAPES, keep=("green", "blue", "purple", "gray")),
-    "cool": Domain(("green", "blue"), PLAIN_SHAPES, keep=("red", "yellow", "purple", "gray")),
-    "purple": Domain(("purple",), PLAIN_SHAPES),
-    "star": Domain(("gray",), ("star",)),
-}
-MODEL_NAMES = {"base": "toy-base", "warm": "toy-warm", "cool": "toy-cool"}
-LORA_NAMES = {"purple": "toy-purple", "star": "toy-star"}
-SHARED = ("vae", "text_encoder", "tokenizer", "scheduler")
-# Stable Diffusion's schedule. (DDPM's linear one, tried once, starts at σ = 158 instead of 14.6:
-# every error in the first steps is 10× larger in the latent and half the images were smudges.)
-TRAIN_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-}
 OFFSET_NOISE = 0.1
 """Offset noise (Guttenberg 2023): a per-image, per-channel constant added to the training
 noise. An 8×8 latent's colour is mostly its per-channel mean; without this term the U-Net
@@ -98,53 +64,6 @@ min(SNR(t), γ)/SNR(t)). The first zoo, trained with a flat ε-MSE, drew its sha
 tinted them (gray prompts came out greenish, brownish or purple): the flat loss spends most of
 its gradient on low-noise steps, where only edges are left to fix, and too little on the
 high-noise steps that decide an object's colour. This weighting moves it there."""
-
-
-def make_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=NATIVE_SIZE,
-        mid_block_add_attention=False,
-    )
-
-
-def make_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=TOKENS,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        projection_dim=64,
-    )
-    return CLIPTextModel(config).eval().requires_grad_(False)
-
-
-def make_unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        sample_size=NATIVE_SIZE // 4,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
 
 
 def render_domain(domain: Domain, n: int, seed: int) -> tuple[torch.Tensor, list[tuple[str, str]]]:
@@ -227,7 +146,7 @@ def train_vae(out: Path, steps: int, batch: int, seed: int, log) -> dict:
         "seconds": round(seconds, 1),
         "images": len(images),
         "recon_mse": round(recon_mse, 5),
-        "device": describe_device(accelerator.device),
+        "device": device_name(accelerator.device),
         **stats,
     }
 
@@ -397,61 +316,8 @@ def train_unet(
         "trained_parameters": sum(p.numel() for p in params),
         "min_snr_gamma": MIN_SNR_GAMMA,
         "offset_noise": OFFSET_NOISE,
-        "device": describe_device(device),
+        "device": device_name(device),
     }
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def save_model(out: Path, name: str, unet: UNet2DConditionModel) -> Path:
-    """Write a full diffusers folder whose shared parts link to ``out/shared``."""
-    folder = out / "models" / name
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    unet.save_pretrained(folder / "unet")
-    for part in SHARED:
-        (folder / part).symlink_to(Path("..") / ".." / "shared" / part)
-    (folder / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
-    return folder
-
-
-def model_index() -> dict:
-    return {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-
-
-def save_scheduler(shared: Path) -> None:
-    scheduler = EulerDiscreteScheduler(
-        **TRAIN_SCHEDULER, timestep_spacing="trailing", steps_offset=1
-    )
-    scheduler.save_pretrained(shared / "scheduler")
-
-
-def save_lora(out: Path, name: str, unet) -> Path:
-    from peft.utils import get_peft_model_state_dict
-
-    folder = out / "loras" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True
-    )
-    return folder
 
 
 STAGE_DEFAULTS = {

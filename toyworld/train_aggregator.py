@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,25 +29,32 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pipelines.aggregation import Aggregator
-from pipelines.aggregation.training import denoising_loss
+from composer.training.aggregator import (
+    Batch,
+    Progress,
+    Settings,
+    aggregator_for,
+    already_trained,
+    draw_latents,
+    read_progress,
+)
+from composer.training.aggregator import train as train_aggregator
 from toyworld.captions import captions, scene_caption
 from toyworld.render import render_scene
 from toyworld.train import (
-    DOMAINS,
     MIN_SNR_GAMMA,
     OFFSET_NOISE,
-    TRAIN_SCHEDULER,
-    describe_device,
     draw_captions,
     encode_latents,
     encode_prompts,
     render_domain,
 )
+from toyworld.zoo import DOMAINS, TRAIN_SCHEDULER
 
 EXPERTS = ("toy-warm", "toy-cool")
 CONFIG = {"width": 32, "heads": 4, "depth": 1, "groups": 8, "position_channels": 2}
 DEFAULTS = {"steps": 2000, "batch": 32, "lr": 1e-3, "singles": 4000, "scenes": 6000}
+ONE, SCENES = "one-object", "scenes"
 
 
 def scene_data(n: int, seed: int) -> tuple[torch.Tensor, list[str], list[list[str]]]:
@@ -75,7 +81,8 @@ def single_data(n: int, seed: int) -> tuple[torch.Tensor, list[tuple[str, str]]]
     return torch.cat([warm, cool]), warm_pairs + cool_pairs
 
 
-def write_card(out: Path, stats: dict) -> None:
+def card(stats: dict) -> str:
+    """The aggregator's README: data, settings, time, losses and what was measured since."""
     lines = [
         "# toy-warm-cool: an AFA aggregator for toy-warm + toy-cool",
         "",
@@ -102,11 +109,14 @@ def write_card(out: Path, stats: dict) -> None:
         )
     if "results" in stats:
         lines += ["", "## Measured", "", *stats["results"]]
-    (out / "README.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def train(out: Path, assets: Path, steps: int, batch: int, lr: float, singles: int, scenes: int,
           seed: int, save_every: int, log) -> dict:  # fmt: skip
+    state = read_progress(out)
+    if already_trained(state, steps, out, log):
+        return state
     accelerator = Accelerator()
     device = accelerator.device
     torch.manual_seed(seed)
@@ -121,106 +131,74 @@ def train(out: Path, assets: Path, steps: int, batch: int, lr: float, singles: i
     ]
     for unet in unets:
         unet.requires_grad_(False)
+    aggregator = aggregator_for(unets, list(EXPERTS), CONFIG, out, state, log)
+    draw = ToyBatches(vae, tokenizer, text_encoder, singles, scenes, batch, seed, device)
+    log(f"data: {singles} one-object images, {scenes} scenes")
+    settings = Settings(steps, batch, lr, seed, save_every, MIN_SNR_GAMMA, OFFSET_NOISE, 50)
 
-    progress_file = out / "training.json"
-    state = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
-    if state.get("step", 0) >= steps:
-        log(f"{out} already trained for {state['step']} steps")
-        return state
-    if state:
-        aggregator = Aggregator.from_pretrained(out)
-        aggregator.check_experts(unets, list(EXPERTS))
-        log(f"resuming at step {state['step']}")
-    else:
-        aggregator = Aggregator.for_unets(unets, list(EXPERTS), **CONFIG)
-    aggregator.to(device).train()
-
-    single_images, pairs = single_data(singles, seed)
-    scene_images, scene_texts, scene_parts = scene_data(scenes, seed + 7)
-    single_mean, single_std = encode_latents(vae, single_images, device)
-    scene_mean, scene_std = encode_latents(vae, scene_images, device)
-    unique = sorted(
-        {c for color, shape in pairs for c in captions(color, shape)}
-        | set(scene_texts)
-        | {part for both in scene_parts for part in both}
-        | {""}
-    )
-    table = encode_prompts(tokenizer, text_encoder, unique).cpu()
-    index = {p: i for i, p in enumerate(unique)}
-    log(f"data: {len(single_images)} one-object images, {len(scene_images)} scenes")
-
-    optimizer = torch.optim.AdamW(aggregator.parameters(), lr=lr, weight_decay=0.0)
-    aggregator, optimizer = accelerator.prepare(aggregator, optimizer)
-    scheduler = DDPMScheduler(**TRAIN_SCHEDULER)
-    scale = vae.config.scaling_factor
-    gen = torch.Generator().manual_seed(seed + state.get("step", 0))
-    rng = np.random.default_rng(seed + state.get("step", 0))
-    losses: dict[str, list[float]] = {"single": [], "scene": []}
-    start, elapsed = time.time(), state.get("seconds", 0.0)
-    step = first_step = state.get("step", 0)
-
-    def save() -> dict:
-        record = {
+    def record(progress: Progress) -> dict:
+        return {
             "experts": list(EXPERTS),
-            "config": CONFIG,
-            "parameters": sum(p.numel() for p in aggregator.parameters()),
-            "step": step,
+            "config": progress.config,
+            "parameters": progress.parameters,
+            "step": progress.step,
             "steps": steps,
             "batch": batch,
             "lr": lr,
-            "runs": [*state.get("runs", []), {"from_step": first_step, "lr": lr}],
+            "runs": progress.runs,
             "singles": singles,
             "scenes": scenes,
             "seed": seed,
-            "seconds": round(elapsed + time.time() - start, 1),
-            "device": describe_device(device),
-            "loss_single": float(np.mean(losses["single"][-50:] or [state.get("loss_single", 0)])),
-            "loss_scene": float(np.mean(losses["scene"][-50:] or [state.get("loss_scene", 0)])),
+            "seconds": progress.seconds,
+            "device": progress.device,
+            "loss_single": progress.loss(ONE, float(state.get("loss_single", 0))),
+            "loss_scene": progress.loss(SCENES, float(state.get("loss_scene", 0))),
         }
-        accelerator.unwrap_model(aggregator).save_pretrained(out)
-        progress_file.write_text(json.dumps(record, indent=2) + "\n")
-        write_card(out, record)
-        return record
 
-    while step < steps:
-        kind = "scene" if step % 2 else "single"
-        mean, std = (scene_mean, scene_std) if kind == "scene" else (single_mean, single_std)
-        idx = torch.randint(len(mean), (batch,), generator=gen)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
-        if kind == "scene":
+    return train_aggregator(aggregator, unets, DDPMScheduler(**TRAIN_SCHEDULER), draw, settings,
+                            out, accelerator=accelerator, state=state, record=record, card=card,
+                            log=log)  # fmt: skip
+
+
+class ToyBatches:
+    """Batches that alternate one-object images (each expert and the aggregators read the
+    image's caption, one of its full and partial captions, empty 10 % of the time) and scenes
+    (each expert reads its own object's caption, the aggregators the scene's; all empty 10 %
+    of the time). Every caption is encoded once, ahead."""
+
+    def __init__(self, vae, tokenizer, text_encoder, singles: int, scenes: int, batch: int,
+                 seed: int, device) -> None:  # fmt: skip
+        single_images, self.pairs = single_data(singles, seed)
+        scene_images, self.scene_texts, self.scene_parts = scene_data(scenes, seed + 7)
+        self.single = encode_latents(vae, single_images, device)
+        self.scene = encode_latents(vae, scene_images, device)
+        unique = sorted(
+            {c for color, shape in self.pairs for c in captions(color, shape)}
+            | set(self.scene_texts)
+            | {part for both in self.scene_parts for part in both}
+            | {""}
+        )
+        self.table = encode_prompts(tokenizer, text_encoder, unique).cpu()
+        self.index = {p: i for i, p in enumerate(unique)}
+        self.batch, self.scale, self.device = batch, vae.config.scaling_factor, device
+
+    def __call__(self, step: int, gen: torch.Generator, rng: np.random.Generator) -> Batch:
+        kind = SCENES if step % 2 else ONE
+        mean, std = self.scene if kind == SCENES else self.single
+        z0, idx = draw_latents(mean, std, self.batch, gen, self.scale)
+        if kind == SCENES:
             drop = [rng.random() < 0.1 for _ in idx]
-            texts = ["" if d else scene_texts[i] for d, i in zip(drop, idx, strict=True)]
+            texts = ["" if d else self.scene_texts[i] for d, i in zip(drop, idx, strict=True)]
             per_expert = [
-                ["" if d else scene_parts[i][k] for d, i in zip(drop, idx, strict=True)]
+                ["" if d else self.scene_parts[i][k] for d, i in zip(drop, idx, strict=True)]
                 for k in range(len(EXPERTS))
             ]
         else:
-            texts = draw_captions([captions(*pairs[i]) for i in idx], rng)
+            texts = draw_captions([captions(*self.pairs[i]) for i in idx], rng)
             per_expert = [texts] * len(EXPERTS)
-        whole = table[[index[t] for t in texts]].to(device)
-        conds = [table[[index[t] for t in part]].to(device) for part in per_expert]
-        noise = torch.randn(z0.shape, generator=gen)
-        noise += OFFSET_NOISE * torch.randn((*z0.shape[:2], 1, 1), generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
-        loss = denoising_loss(
-            aggregator, unets, scheduler, z0.to(device), noise.to(device), t.to(device),
-            conds, min_snr_gamma=MIN_SNR_GAMMA, aggregator_text=whole,
-        )  # fmt: skip
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        losses[kind].append(loss.item())
-        step += 1
-        if step % 50 == 0 or step == steps:
-            rate = (time.time() - start) / max(step - state.get("step", 0), 1)
-            log(
-                f"aggregator step {step}/{steps} loss one-object "
-                f"{np.mean(losses['single'][-25:]):.4f} scenes {np.mean(losses['scene'][-25:]):.4f}"
-                f" ({rate:.2f} s/step)"
-            )
-        if step % save_every == 0 or step == steps:
-            save()
-    return save()
+        whole = self.table[[self.index[t] for t in texts]].to(self.device)
+        conds = [self.table[[self.index[t] for t in part]].to(self.device) for part in per_expert]
+        return Batch(z0, conds, None, whole, kind)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,1 +1,3 @@
-"""Weight merging of checkpoints and LoRAs (issue 5): pure tensor methods in ``methods``."""
+"""Weight merging of checkpoints and LoRAs: the methods declared once in ``registry`` (pure
+tensor functions in ``methods``), applied to whole models live (``live``) or from files
+(``stream``)."""

@@ -11,7 +11,7 @@ request whose merge equals the slot's current one skips the computation.
 
 An expert's LoRAs are baked into its weights (U-Net and text encoders) as each tensor is merged
 (``lora.baked``, the same per-tensor function the export uses), from LoRA files read once and
-kept (``lora.read_lora_cached``); the cached modules stay as they are.
+kept (``checkpoints.lora_files.read_lora_cached``); the cached modules stay as they are.
 """
 
 from __future__ import annotations
@@ -25,17 +25,17 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import ModelMixin
 
+from composer.checkpoints.names import lora_name, merge_name
 from composer.merge import lora
 from composer.merge.blocks import weight_map
 from composer.merge.plan import (
     COMPONENTS,
     check_compatible,
-    lora_name,
-    merge_name,
     merge_parameter,
+    trims_whole_model,
     whole_model_thresholds,
 )
-from composer.recipe import Merge, RecipeError
+from composer.merge.registry import Merge, MergeError
 
 Modules = Mapping[str, torch.nn.Module]
 """A model's merged components by pipeline attribute: ``unet``, ``text_encoder``(, ``_2``)."""
@@ -116,13 +116,14 @@ def merged_model(
     ``base`` ((name, components) or None) for the duration of the ``with`` block. The components
     merged are the first expert's (``COMPONENTS`` order, U-Net first); every other model must
     have them with the same parameters. ``loras[i]`` are expert i's LoRAs ((recipe field, file,
-    strength)), baked into its U-Net and text-encoder weights."""
+    strength)), baked into its U-Net and text-encoder weights. A merge that cannot be done raises
+    ``MergeError``."""
     first = {c: experts[0][1][c] for c in COMPONENTS if experts[0][1].get(c) is not None}
     models = [(name, mods) for name, mods, _ in experts] + ([base] if base else [])
     for name, mods in models:
         missing = [c for c in first if mods.get(c) is None]
         if missing:
-            raise RecipeError(
+            raise MergeError(
                 f"experts: {experts[0][0]!r} and {name!r} cannot be merged: {name!r} has no "
                 f"{missing[0]}"
             )
@@ -143,7 +144,7 @@ def merged_model(
     try:
         block_weight = weight_map(first["unet"].config, settings.block_weights, settings.overrides)
     except ValueError as e:
-        raise RecipeError(f"merge.block_weights: {e}") from None
+        raise MergeError(f"merge.block_weights: {e}") from None
     slot = _slot(first)
     key = (
         settings,
@@ -184,7 +185,7 @@ def _fill(component, target, settings, experts, layers, weights, base_sd, block_
         return lora.baked(value, layers[i].get(lora_name(component, key), ()))
 
     thresholds = None
-    if settings.method in ("ties", "consensus") and settings.trim_scope == "model":
+    if trims_whole_model(settings):
         floats = [k for k in keys if experts[0][k].is_floating_point()]
         thresholds = whole_model_thresholds(
             floats,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
@@ -64,7 +65,13 @@ def task_arithmetic(
     lam: float = 1.0,
 ) -> Tensor:
     r"""θ = θ₀ + λ Σᵢ wᵢτᵢ (Ilharco et al. 2023, "Editing Models with Task Arithmetic", §2)."""
-    tau = _stack(tensors) - base
+    return add_task_vectors(base, _stack(tensors) - base, weights, lam)
+
+
+def add_task_vectors(
+    base: Tensor, tau: Tensor, weights: Sequence[float] | None = None, lam: float = 1.0
+) -> Tensor:
+    r"""θ₀ + λ Σᵢ wᵢτᵢ for task vectors ``tau`` (N, *shape): task arithmetic's sum."""
     return base + lam * (_weights(weights, len(tau), base) * tau).sum(0)
 
 
@@ -155,9 +162,21 @@ def ties(
 
     Weights wᵢ (default 1, the paper) scale τ̂ᵢ after trimming and before the election, as peft
     does. The paper's λ is 1 for most of its results."""
-    tau = _stack(tensors) - base
-    trimmed = trim(tau, density, thresholds) * _weights(weights, len(tau), base)
-    return base + lam * disjoint_mean(trimmed, elect_sign(trimmed, sign_rule))
+    trimmed = trim(_stack(tensors) - base, density, thresholds)
+    return elect_and_merge(base, trimmed, weights, lam, sign_rule)
+
+
+def elect_and_merge(
+    base: Tensor,
+    tau: Tensor,
+    weights: Sequence[float] | None = None,
+    lam: float = 1.0,
+    sign_rule: str = "mass",
+) -> Tensor:
+    r"""TIES steps 2 and 3 on sparse task vectors ``tau`` (N, *shape): θ₀ + λ·τ_m with
+    τ_m = disjoint_mean(w·τ, elect_sign(w·τ))."""
+    tau = tau * _weights(weights, len(tau), base)
+    return base + lam * disjoint_mean(tau, elect_sign(tau, sign_rule))
 
 
 def mask_generator(seed: int, name: str, expert: int, device: torch.device | str = "cpu"):
@@ -186,34 +205,32 @@ def dare(tau: Tensor, density: float, seed: int, name: str) -> Tensor:
     return out
 
 
-def dare_linear(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    density: float,
-    seed: int,
-    name: str,
-    lam: float = 1.0,
-    weights: Sequence[float] | None = None,
-) -> Tensor:
-    r"""DARE then task arithmetic: θ = θ₀ + λ Σᵢ wᵢ τ̃ᵢ."""
-    tau = dare(_stack(tensors) - base, density, seed, name)
-    return base + lam * (_weights(weights, len(tau), base) * tau).sum(0)
-
-
 def dare_ties(
     base: Tensor,
     tensors: Sequence[Tensor],
     density: float,
-    seed: int,
-    name: str,
     lam: float = 1.0,
     weights: Sequence[float] | None = None,
-    sign_rule: str = "mass",
+    sign_rule: str | None = "mass",
+    *,
+    seed: int,
+    name: str,
 ) -> Tensor:
     r"""DARE-TIES: DARE's random drop and rescale in place of TIES's magnitude trim, then TIES's
-    sign election and disjoint mean (Yu et al. 2024, §4.3; mergekit's ``dare_ties``)."""
-    tau = dare(_stack(tensors) - base, density, seed, name) * _weights(weights, len(tensors), base)
-    return base + lam * disjoint_mean(tau, elect_sign(tau, sign_rule))
+    sign election and disjoint mean (Yu et al. 2024, §4.3; mergekit's ``dare_ties``). The
+    arguments are ``ties``'s, with the masks' seed and name in place of the trim thresholds.
+
+    With ``sign_rule`` None there is no election: the dropped τ̃ᵢ are added as task arithmetic
+    adds them, θ = θ₀ + λ Σᵢ wᵢ τ̃ᵢ (``dare_linear``, the paper's DARE)."""
+    dropped = dare(_stack(tensors) - base, density, seed, name)
+    if sign_rule is None:
+        return add_task_vectors(base, dropped, weights, lam)
+    return elect_and_merge(base, dropped, weights, lam, sign_rule)
+
+
+dare_linear = partial(dare_ties, sign_rule=None)
+"""DARE then task arithmetic: θ = θ₀ + λ Σᵢ wᵢ τ̃ᵢ (mergekit's ``dare_linear``); ``dare_ties``'s
+arguments but the sign rule."""
 
 
 def model_stock_ratio(cos: float, n: int) -> float:

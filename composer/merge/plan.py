@@ -1,8 +1,8 @@
-"""A recipe's ``merge`` section applied to whole models, one parameter tensor at a time.
+"""Merge settings (``registry.Merge``) applied to whole models, one parameter tensor at a time.
 
-The same functions serve the live merge (tensors already on the device, ``composer.engine``) and
-the export (tensors streamed from files, ``composer.merge.export``): ``check_compatible`` before
-any work, ``whole_model_thresholds`` when TIES trims over the whole model, then
+The same functions serve the live merge (tensors already on the device, ``merge.live``) and the
+export (tensors streamed from files, ``merge.stream``): ``check_compatible`` before any work,
+``whole_model_thresholds`` when TIES trims over the whole model (``trims_whole_model``), then
 ``merge_parameter`` for each parameter name. A model is merged component by component
 (``COMPONENTS``): U-Net and text encoder(s), each with its own whole-model trim thresholds.
 """
@@ -13,9 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from composer.checkpoints.ldm_format import clip_inner
-from composer.merge import methods as m
-from composer.recipe import Merge, RecipeError
+from composer.merge.registry import Merge, MergeError, Operands, method
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 """What a merge merges, as pipeline attributes: the U-Net and the text encoder(s). The VAE is
@@ -26,34 +24,11 @@ _SHOWN = {
     "text_encoder_2": "second text encoders",
 }
 
-NEEDS_BASE = frozenset(
-    {"add_difference", "task_arithmetic", "ties", "dare", "dare_ties", "model_stock", "consensus"}
-)
-EXACTLY_TWO = frozenset({"slerp", "add_difference"})
 
-
-def check_settings(settings: Merge, n_experts: int, has_base: bool) -> None:
-    """The combinations a merge needs, as ``RecipeError``s."""
-    if settings.method in NEEDS_BASE and not has_base:
-        raise RecipeError(
-            f"merge.base: null is not accepted for method {settings.method!r}; expected the "
-            "common ancestor of the experts (e.g. toy-base), whose weights the task vectors are "
-            "measured from"
-        )
-    if settings.method in EXACTLY_TWO and n_experts != 2:
-        raise RecipeError(f"experts: merge method {settings.method!r} takes exactly 2 experts")
-
-
-def merge_name(component: str, key: str) -> str:
-    """The name a parameter is merged under (block weights, overrides, DARE's mask seed): U-Net
-    parameters by their diffusers name, text-encoder ones as ``text_encoder.text_model.…`` (the
-    ``clip_inner`` spelling, the same for every transformers version and file layout)."""
-    return key if component == "unet" else f"{component}.{clip_inner(key)}"
-
-
-def lora_name(component: str, key: str) -> str:
-    """The parameter's name in ``lora.Layers``."""
-    return f"unet.{key}" if component == "unet" else merge_name(component, key)
+def trims_whole_model(settings: Merge) -> bool:
+    """Whether the merge needs ``whole_model_thresholds`` first: a method that reads
+    ``trim_scope`` (TIES, consensus), set to "model"."""
+    return "trim_scope" in method(settings.method).params and settings.trim_scope == "model"
 
 
 def check_compatible(
@@ -70,14 +45,14 @@ def check_compatible(
         extra = sorted(set(theirs) - set(shapes))
         if missing or extra:
             what = f"{first} has {missing[0]}" if missing else f"{other} has {extra[0]}"
-            raise RecipeError(
+            raise MergeError(
                 f"experts: {first!r} and {other!r} cannot be merged: their {shown} have different "
                 f"parameters ({what}, the other does not; SD 1.x, SD 2.x and SDXL do not merge "
                 "with each other)"
             )
         for name, shape in shapes.items():
             if tuple(theirs[name]) != tuple(shape):
-                raise RecipeError(
+                raise MergeError(
                     f"experts: {first!r} and {other!r} cannot be merged: in their {shown}, "
                     f"{name} is {tuple(shape)} in one and {tuple(theirs[name])} in the other"
                 )
@@ -130,35 +105,8 @@ def merge_tensor(
     b = 1 is the plain merge and b = 0 keeps the reference (supermerger's per-block α when the
     merge is a weighted sum with weights 1 − α, α). ``thresholds`` are TIES's whole-model trim
     thresholds (one per expert), if ``settings.trim_scope`` is "model"."""
-    method = settings.method
-    lam, density, rule = settings.lambda_, settings.density, settings.sign_rule
-    if method == "weighted_sum":
-        out = m.weighted_sum(experts, weights)
-    elif method == "add_difference":
-        out = m.add_difference(experts[0], experts[1], base, lam)
-    elif method == "slerp":
-        total = weights[0] + weights[1]
-        if abs(total) < 1e-12:
-            raise RecipeError("experts: slerp weights add up to 0")
-        out = m.slerp(experts[0], experts[1], weights[1] / total)
-    elif method == "task_arithmetic":
-        out = m.task_arithmetic(base, experts, weights, lam)
-    elif method == "ties":
-        out = m.ties(base, experts, density, lam, weights, rule, thresholds)
-    elif method == "dare":
-        out = m.dare_linear(base, experts, density, settings.seed, name, lam, weights)
-    elif method == "dare_ties":
-        out = m.dare_ties(base, experts, density, settings.seed, name, lam, weights, rule)
-    elif method == "model_stock":
-        out = m.model_stock(base, experts)
-    elif method == "consensus":
-        if settings.consensus_of == "ties":
-            merged = m.ties(base, experts, density, 1.0, weights, rule, thresholds) - base
-        else:
-            merged = m.task_arithmetic(base, experts, weights, 1.0) - base
-        out = m.consensus(base, experts, merged, lam, settings.mask_lambda, settings.consensus_k)
-    else:
-        raise RecipeError(f"merge.method: {method!r} is not available")
+    operands = Operands(name, base, experts, weights, thresholds)
+    out = method(settings.method).fn(settings, operands)
     if block_weight != 1.0:
         ref = base if base is not None else experts[0]
         out = ref + block_weight * (out - ref)

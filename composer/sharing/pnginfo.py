@@ -20,7 +20,6 @@ from composer.recipe import Recipe, RecipeError, a1111_sampler_name, parse
 RECIPE_CHUNK = "composer_recipe"
 PARAMETERS_CHUNK = "parameters"
 VERSION = "diffusion-composer 0.1"
-SUPERDIFF_SAMPLER = "SuperDiff Euler-Maruyama"  # superposition steps with its own SDE sampler
 _LORA_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -45,11 +44,14 @@ def a1111_parameters(
     index: int = 0,
     model_hashes: dict[str, str] | None = None,
     lora_hashes: dict[str, str] | None = None,
+    sampler: str | None = None,
 ) -> str:
     """The ``parameters`` text of image ``index`` of ``recipe`` (its seed is ``seed + index``).
 
     ``model_hashes`` maps a model reference to its sha256, ``lora_hashes`` a LoRA reference to the
     sha256 of its safetensors body; A1111 shows the first 10 and 12 hex digits of them.
+    ``sampler`` names a method's own sampler (``Method.sampler``) where it does not use the
+    recipe's scheduler.
     """
     model_hashes, lora_hashes = model_hashes or {}, lora_hashes or {}
     loras = {lo.path: lo.weight for e in recipe.experts for lo in e.loras}
@@ -62,7 +64,7 @@ def a1111_parameters(
         ("Steps", str(s.steps)),
         (
             "Sampler",
-            SUPERDIFF_SAMPLER if recipe.method == "superpose" else a1111_sampler_name(s.scheduler),
+            sampler or a1111_sampler_name(s.scheduler),
         ),
         ("CFG scale", f"{s.guidance_scale:g}"),
         ("Seed", str(s.seed + index)),
@@ -98,9 +100,11 @@ def png_info(
     index: int = 0,
     model_hashes: dict | None = None,
     lora_hashes: dict | None = None,
+    sampler: str | None = None,
 ) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
-    info.add_text(PARAMETERS_CHUNK, a1111_parameters(recipe, index, model_hashes, lora_hashes))
+    text = a1111_parameters(recipe, index, model_hashes, lora_hashes, sampler)
+    info.add_text(PARAMETERS_CHUNK, text)
     info.add_itxt(RECIPE_CHUNK, image_recipe(recipe, index).to_json(indent=None))
     return info
 
