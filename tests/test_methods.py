@@ -12,11 +12,11 @@ from PIL import Image, ImageOps
 
 from composer import engine, registry
 from composer.__main__ import main
-from composer.methods import METHODS, Control, Form, Method
+from composer.methods import METHODS, Control, Form, Method, register, unregister
 from composer.methods.single import sample
 from composer.recipe import RecipeError, parse
 from composer.sharing.pnginfo import read_recipe
-from ui import form, run
+from ui import form, handlers, run
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,10 @@ INVERT = Method(
 
 
 @pytest.fixture
-def invert(monkeypatch):
-    monkeypatch.setitem(METHODS, "invert", INVERT)
-    return INVERT
+def invert():
+    register(INVERT)
+    yield INVERT
+    unregister("invert")
 
 
 def pixels(image) -> np.ndarray:
@@ -116,7 +117,7 @@ def test_a_registered_method_has_a_tab_a_codec_and_a_cost(invert, tiny_sd1):
     )
     page = Page()
     assert {"invert.amount", "invert.0.model"} <= set(page.components)
-    assert "invert" not in METHODS or METHODS["invert"] is INVERT
+    assert handlers.restore(recipe)["tabs"]["selected"] == "invert"  # a PNG or link opens it
 
 
 def test_a_method_without_its_registration_is_refused():

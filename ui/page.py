@@ -34,11 +34,6 @@ class Page:
     def controls(self) -> list:
         return [self.components[name] for name in form.names()]
 
-    def names(self, updates: dict) -> dict:
-        """Component-keyed updates → name-keyed (for tests and callers outside Gradio)."""
-        by_component = {id(c): name for name, c in self.components.items()}
-        return {by_component[id(c)]: v for c, v in updates.items()}
-
     def wire(self, handler, outputs: list[str], values: bool = False, extra=()):
         """``handler``'s name-keyed result as component updates. With ``values`` it receives the
         controls' values by name first (the event's inputs: ``self.controls``), then ``extra``
