@@ -55,6 +55,7 @@ from safetensors.torch import load_file, save_file
 
 from bench import RESULTS
 from composer import registry
+from composer.checkpoints import hashing
 from composer.checkpoints.writer import StreamingWriter
 from composer.device import device_name
 from composer.export import export
@@ -314,19 +315,19 @@ def export_case(folder: Path, label: str, repeats: int) -> dict:
     export(parsed, target, "fp16")
 
     def run() -> None:
-        registry._HASHES.clear()
+        hashing._HASHES.clear()
         export(parsed, target, "fp16")
 
     seconds = [timed(run) for _ in range(repeats)]
     target.unlink()
-    registry._HASHES.clear()
+    hashing._HASHES.clear()
     files = [
         Path(p) / "unet" / "diffusion_pytorch_model.safetensors"
         for p in model_paths(folder).values()
     ]
     used = files if CASES[label][1] else files[1:]
-    hashing = timed(lambda: [registry.file_sha256(f) for f in used])
-    return {**median_of(seconds), "hash_s": round(hashing, 3)}
+    hash_s = timed(lambda: [hashing.file_sha256(f) for f in used])
+    return {**median_of(seconds), "hash_s": round(hash_s, 3)}
 
 
 def baseline(folder: Path, settings: Merge, out: Path) -> None:

@@ -30,7 +30,6 @@ import torch
 from safetensors import safe_open
 
 # re-exported for the engine and the benchmarks, which hash models through the registry
-from composer.checkpoints.hashing import _HASHES, file_sha256, model_file  # noqa: F401
 from composer.checkpoints.ldm_format import CONFIG_KEY
 from composer.device import pick_device
 from composer.recipe import RecipeError, looks_like_hub_id

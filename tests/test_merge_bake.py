@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from composer import engine, registry
 from composer.__main__ import main
+from composer.checkpoints.hashing import file_sha256
 from composer.export import export
 from composer.merge.live import merged_model
 from composer.merge.registry import Merge
@@ -132,7 +133,7 @@ def test_bake_writes_w_plus_strength_alpha_over_r_b_a_into_each_weight(
     assert json.loads(meta["composer_recipe"])["experts"][0]["loras"] == [
         {"path": path, "weight": 0.7}
     ]
-    assert registry.file_sha256(path) == json.loads(meta["composer_inputs"])[path]
+    assert file_sha256(path) == json.loads(meta["composer_inputs"])[path]
 
 
 def test_baked_alpha_rank_and_text_encoder_layers_draw_what_diffusers_draws(

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from composer import registry
+from composer.checkpoints.hashing import file_sha256, model_file
 from composer.recipe import Recipe, RecipeError
 from composer.sharing.pnginfo import png_info
 
@@ -175,13 +176,13 @@ def expert_adapters(job: Job) -> list[tuple | None]:
 def _hashes(recipe: Recipe, sources: list[registry.Source]) -> tuple[dict, dict]:
     model_hashes = {}
     for source in sources:
-        path = registry.model_file(source)
+        path = model_file(source)
         if path is not None:
-            model_hashes[source.reference] = registry.file_sha256(path)
+            model_hashes[source.reference] = file_sha256(path)
     lora_hashes = {}
     for e in recipe.experts:
         for lo in e.loras:
             resolved = registry.resolve_lora(lo.path)
             if not registry.looks_like_hub_id(resolved):
-                lora_hashes[lo.path] = registry.file_sha256(resolved, body_only=True)
+                lora_hashes[lo.path] = file_sha256(resolved, body_only=True)
     return model_hashes, lora_hashes
