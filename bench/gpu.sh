@@ -4,6 +4,9 @@
 #
 #   bash bench/gpu.sh speed    # superposition and AFA time per image, SD1.5 shapes, 512², fp16
 #   bash bench/gpu.sh merge    # live re-merge, TIES in VRAM, streamed export: SD1.5 and SDXL shapes
+#   bash bench/gpu.sh engine   # batches vs plain diffusers, batch invariance, activation memory;
+#                              # channels-last, SDPA kernels, CUDA streams (SD1.5 shapes, 512²)
+#   bash bench/gpu.sh compile  # torch.compile of the U-Net, modes default and reduce-overhead
 #   bash bench/gpu.sh toy      # the same scripts on the toy zoo (on a CPU this rewrites the
 #                              # committed *-cpu.json results: run it in a scratch clone there)
 #
@@ -40,13 +43,21 @@ merge)
     python3 -m bench.merge_speed --arch sd15
     python3 -m bench.merge_speed --arch sdxl
     ;;
+engine)
+    python3 -m bench.engine_overhead --memory
+    python3 -m bench.engine_overhead --repeats 3
+    python3 -m bench.gpu_switches --compile ''
+    ;;
+compile)
+    python3 -m bench.gpu_switches --cases '' --compile default,reduce-overhead
+    ;;
 toy)
     python3 -m bench.superpose_speed --repeats 2
     python3 -m bench.aggregate_speed --repeats 2
     python3 -m bench.merge_speed --arch toy --repeats 2
     ;;
 *)
-    echo "usage: bash bench/gpu.sh speed|merge|toy" >&2
+    echo "usage: bash bench/gpu.sh speed|merge|engine|compile|toy" >&2
     exit 2
     ;;
 esac

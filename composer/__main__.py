@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from composer.recipe import RecipeError
 
@@ -41,7 +42,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _load_recipe(args: argparse.Namespace):
     from composer import registry
-    from composer.recipe import apply_overrides, parse
+    from composer.recipe import parse
 
     text = sys.stdin.read() if args.recipe == "-" else _read(args.recipe)
     try:
@@ -51,6 +52,48 @@ def _load_recipe(args: argparse.Namespace):
     if not isinstance(data, dict):
         raise RecipeError(f"recipe: {args.recipe} must hold a JSON object")
     return parse(apply_overrides(data, args.set), check=registry.check_reference)
+
+
+def apply_overrides(data: dict, assignments: list[str]) -> dict:
+    """Apply ``key.path=value`` assignments (the CLI's ``--set``) to a recipe dict, in place.
+
+    The value is read as JSON when it parses (``3``, ``null``, ``[0, 1.1]``), else as a string.
+    A list index is a number in the path: ``experts.0.model=toy-cool``.
+    """
+    for assignment in assignments:
+        path, sep, raw = assignment.partition("=")
+        if not sep or not path:
+            raise RecipeError(f"--set {assignment!r}: expected key.path=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node: Any = data
+        keys = path.split(".")
+        for k in keys[:-1]:
+            node = _step_into(node, k, path)
+        last = keys[-1]
+        if isinstance(node, list):
+            node[_index(node, last, path)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise RecipeError(f"--set {path}: {last!r} is inside a value, not an object")
+    return data
+
+
+def _step_into(node: Any, key: str, path: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, key, path)]
+    if not isinstance(node, dict):
+        raise RecipeError(f"--set {path}: {key!r} is inside a value, not an object")
+    return node.setdefault(key, {})
+
+
+def _index(node: list, key: str, path: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise RecipeError(f"--set {path}: {key!r} is not an index of a list of {len(node)}")
+    return int(key)
 
 
 def _merge(args: argparse.Namespace) -> int:

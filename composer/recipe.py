@@ -89,6 +89,18 @@ class Sampler:
     width: int | None = None
     height: int | None = None
     num_images: int = 1
+    batch_size: int | None = None
+    """Images sampled in one pipeline call; ``None``: as many as the device holds. Image i of a
+    batch equals the same seed sampled alone only within float rounding (±1/255 after 8-bit
+    quantisation on this backend), so a result records the batch size it used and a re-run of
+    its recipe makes the same batches (README, "what is exact, and what is not")."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """``batch_size`` appears only when set (recipes from before it are unchanged)."""
+        out = asdict(self)
+        if out["batch_size"] is None:
+            del out["batch_size"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -140,7 +152,7 @@ class Recipe:
         for name, method in METHODS.items():
             if self.sections.get(name) is not None:
                 out[name] = method.section_json(self.sections[name])
-        out["sampler"] = asdict(self.sampler)
+        out["sampler"] = self.sampler.to_dict()
         return out
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -255,6 +267,7 @@ def _sampler(obj: Fields) -> Sampler:
         width=obj.side("width"),
         height=obj.side("height"),
         num_images=obj.integer("num_images", default=1, low=1, high=MAX_IMAGES),
+        batch_size=obj.integer("batch_size", default=None, low=1, high=MAX_IMAGES, nullable=True),
     )
     obj.done()
     return sampler
@@ -344,12 +357,17 @@ class Fields:
             raise self._fail(key, value, "one of " + ", ".join(options))
         return value
 
-    def integer(self, key: str, default: int, low: int, high: int) -> int:
+    def integer(
+        self, key: str, default: int | None, low: int, high: int, nullable: bool = False
+    ) -> int | None:
         value = self._get(key, default, False)
+        if value is None and nullable:
+            return None
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise self._fail(key, value, f"a whole number from {low} to {high}")
+            accepted = f"a whole number from {low} to {high}"
+            raise self._fail(key, value, ("null or " if nullable else "") + accepted)
         return value
 
     def number(
@@ -457,45 +475,3 @@ class Fields:
                 f"null (the model's native size) or a multiple of 8 from 16 to {MAX_SIDE}",
             )
         return value
-
-
-def apply_overrides(data: dict, assignments: list[str]) -> dict:
-    """Apply ``key.path=value`` assignments (the CLI's ``--set``) to a recipe dict, in place.
-
-    The value is read as JSON when it parses (``3``, ``null``, ``[0, 1.1]``), else as a string.
-    A list index is a number in the path: ``experts.0.model=toy-cool``.
-    """
-    for assignment in assignments:
-        path, sep, raw = assignment.partition("=")
-        if not sep or not path:
-            raise RecipeError(f"--set {assignment!r}: expected key.path=value")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node: Any = data
-        keys = path.split(".")
-        for k in keys[:-1]:
-            node = _step_into(node, k, path)
-        last = keys[-1]
-        if isinstance(node, list):
-            node[_index(node, last, path)] = value
-        elif isinstance(node, dict):
-            node[last] = value
-        else:
-            raise RecipeError(f"--set {path}: {last!r} is inside a value, not an object")
-    return data
-
-
-def _step_into(node: Any, key: str, path: str) -> Any:
-    if isinstance(node, list):
-        return node[_index(node, key, path)]
-    if not isinstance(node, dict):
-        raise RecipeError(f"--set {path}: {key!r} is inside a value, not an object")
-    return node.setdefault(key, {})
-
-
-def _index(node: list, key: str, path: str) -> int:
-    if not key.isdigit() or int(key) >= len(node):
-        raise RecipeError(f"--set {path}: {key!r} is not an index of a list of {len(node)}")
-    return int(key)

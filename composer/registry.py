@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-# re-exported for the engine and the benchmarks, which hash models through the registry
+from composer import speedups
 from composer.checkpoints.ldm_format import CONFIG_KEY
 from composer.device import pick_device
 from composer.recipe import RecipeError, looks_like_hub_id
@@ -320,7 +320,12 @@ def load_pipeline(source: Source, device: torch.device, dtype: torch.dtype):
             f"model {source.reference!r}: could not be loaded: {_first_line(str(e))}"
         ) from None
     pipe.set_progress_bar_config(disable=True)
-    return pipe if device.type == "cpu" else pipe.to(device)
+    pipe = pipe if device.type == "cpu" else pipe.to(device)
+    try:
+        speedups.prepare(pipe, speedups.Speedups.from_env())
+    except ValueError as e:
+        raise RecipeError(f"model {source.reference!r}: {e}") from None
+    return pipe
 
 
 def quiet_libraries() -> None:

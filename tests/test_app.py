@@ -177,10 +177,12 @@ def test_generate_endpoint_returns_pngs_that_carry_their_recipe(served, tiny_sd1
     )
     assert len(gallery) == 2 and "2 image(s)" in status
     assert json.loads(recipe_text)["sampler"]["scheduler"] == "euler_a"
-    second = read_recipe(gallery[1]["image"])
-    assert second.sampler.seed == 12 and second.prompt == "a red circle"
+    second = read_recipe(gallery[1]["image"])  # the recipe of the batch it was made in
+    assert (second.sampler.seed, second.sampler.batch_size) == (11, 2)
+    assert second.prompt == "a red circle"
     with Image.open(gallery[1]["image"]) as im:
         assert im.format == "PNG" and "Sampler: Euler a" in im.info["parameters"]
+        assert "Seed: 12, " in im.info["parameters"]
 
 
 def test_bad_request_is_an_error_message_and_the_server_stays_up(served, tiny_sd1):

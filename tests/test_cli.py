@@ -50,7 +50,8 @@ def test_generate_writes_pngs_and_prints_one_json_line_per_image(tiny_sd1, tmp_p
     info = cli("info", str(out / "00001.png"))
     assert info.returncode == 0, info.stderr
     recipe = json.loads(info.stdout)
-    assert recipe["sampler"]["seed"] == 10 and recipe["sampler"]["num_images"] == 1
+    sampler = recipe["sampler"]  # the batch image 1 was made in: seed 9 at position 1
+    assert (sampler["seed"], sampler["num_images"], sampler["batch_size"]) == (9, 2, 2)
     assert recipe["experts"][0]["model"] == tiny_sd1
 
 

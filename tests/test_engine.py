@@ -143,19 +143,23 @@ def test_kohya_lora_gives_the_same_image_as_its_peft_twin(tiny_sd1, tiny_lora, t
 
 
 def test_progress_counts_every_step_of_every_image(tiny_sd1, cache):
-    seen = []
-    recipe = parse(
-        {"prompt": "a", "experts": [{"model": tiny_sd1}], "sampler": {"steps": 3, "num_images": 2}}
-    )
-    engine.generate(recipe, progress=lambda done, total: seen.append((done, total)), cache=cache)
-    assert seen == [(i, 6) for i in range(1, 7)]
+    def seen(**sampler):
+        steps = []
+        recipe = parse({"prompt": "a", "experts": [{"model": tiny_sd1}],
+                        "sampler": {"steps": 3, "num_images": 2, **sampler}})  # fmt: skip
+        engine.generate(
+            recipe, progress=lambda done, total: steps.append((done, total)), cache=cache
+        )
+        return steps
+
+    assert seen(batch_size=1) == [(i, 6) for i in range(1, 7)]
+    assert seen() == [(2, 6), (4, 6), (6, 6)]  # both images at every step of one batch
 
 
 def test_cancel_stops_the_request(tiny_sd1, cache):
     cancel = threading.Event()
-    recipe = parse(
-        {"prompt": "a", "experts": [{"model": tiny_sd1}], "sampler": {"steps": 5, "num_images": 3}}
-    )
+    recipe = parse({"prompt": "a", "experts": [{"model": tiny_sd1}],
+                    "sampler": {"steps": 5, "num_images": 3, "batch_size": 1}})  # fmt: skip
 
     def progress(done, total):
         if done == 7:
@@ -164,6 +168,21 @@ def test_cancel_stops_the_request(tiny_sd1, cache):
     with pytest.raises(engine.Cancelled) as info:
         engine.generate(recipe, progress=progress, cancel=cancel, cache=cache)
     assert len(info.value.images) == 1
+
+
+def test_cancel_inside_a_batch_stops_within_a_step(tiny_sd1, cache):
+    cancel, seen = threading.Event(), []
+    recipe = parse({"prompt": "a", "experts": [{"model": tiny_sd1}],
+                    "sampler": {"steps": 5, "num_images": 3}})  # fmt: skip
+
+    def progress(done, total):
+        seen.append(done)
+        if done == 6:  # step 2 of the batch of 3
+            cancel.set()
+
+    with pytest.raises(engine.Cancelled) as info:
+        engine.generate(recipe, progress=progress, cancel=cancel, cache=cache)
+    assert info.value.images == [] and seen == [3, 6]
 
 
 def test_lora_for_another_architecture_is_a_recipe_error(tiny_sdxl, tiny_lora, cache):

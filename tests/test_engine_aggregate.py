@@ -109,3 +109,22 @@ def test_mismatched_architectures_and_loras_are_refused(tiny_sd1, tiny_sdxl, tin
         aggregate([{"model": tiny_sd1, "loras": [{"path": tiny_lora}]}, {"model": tiny_sd1}], cache)
     with pytest.raises(RecipeError, match="unknown aggregator 'nope'"):
         aggregate([{"model": tiny_sd1}, {"model": tiny_sd1}], cache, aggregator="nope")
+
+
+@pytest.mark.parametrize("scheduler", ["unipc", "dpmpp_2m_karras", "ddim", "euler_a"])
+def test_aggregation_runs_with_schedulers_that_take_no_generator(
+    tiny_sd1, tiny_sd1_other, cache, scheduler
+):
+    """UniPC and DPM-Solver++ multistep take no ``generator`` in ``step`` (a TypeError before);
+    the stochastic ones still draw their step noise from the seed."""
+    recipe = {
+        "prompt": "a",
+        "method": "aggregate",
+        "experts": [{"model": tiny_sd1}, {"model": tiny_sd1_other}],
+        "sampler": {"scheduler": scheduler, "steps": 3, "seed": 4, "num_images": 2},
+    }
+    first = engine.generate(parse(recipe), cache=cache)
+    again = engine.generate(parse(recipe), cache=cache)
+    assert len(first.images) == 2
+    for a, b in zip(first.images, again.images, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))

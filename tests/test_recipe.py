@@ -3,10 +3,10 @@ import math
 
 import pytest
 
+from composer.__main__ import apply_overrides
 from composer.recipe import (
     RecipeError,
     a1111_sampler_name,
-    apply_overrides,
     normalize_scheduler,
     parse,
 )

@@ -116,10 +116,11 @@ def test_a_share_link_opens_the_same_generation_in_a_fresh_browser(browser, base
     shown = gallery_pngs(page, 2)
     assert shown == made  # the stored files themselves, not images made again
     recipe = read_recipe(BytesIO(shown[1]))
-    assert (recipe.method, recipe.superpose.mode, recipe.sampler.seed) == ("superpose", "and", 1)
+    assert (recipe.method, recipe.superpose.mode) == ("superpose", "and")
+    assert (recipe.sampler.seed, recipe.sampler.batch_size) == (0, 2)  # its batch: seeds 0, 1
 
     page.get_by_role("button", name="Re-run").click()
-    expect(page.get_by_text(re.compile(r"2 image\(s\), [\d.]+ s on "))).to_be_visible(
+    expect(page.get_by_text(re.compile(r"2 image\(s\) in one batch, [\d.]+ s on "))).to_be_visible(
         timeout=60_000
     )
     again = gallery_pngs(page, 2)

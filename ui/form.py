@@ -32,6 +32,16 @@ COMMON = (
     Control("cfg", "slider", "CFG scale", 5.0, low=0, high=20, step=0.5),
     Control("seed", "integer", "Seed", 0, low=0, high=MAX_SEED),
     Control("count", "slider", "Images", 4, low=1, high=MAX_IMAGES, step=1),
+    Control(
+        "batch",
+        "slider",
+        "Batch size (0 = as many as fit)",
+        0,
+        low=0,
+        high=MAX_IMAGES,
+        step=1,
+        info="images per pipeline call; a re-run makes the same batches",
+    ),
     Control("width", "slider", "Width (0 = model's own)", 0, low=0, high=2048, step=8),
     Control("height", "slider", "Height (0 = model's own)", 0, low=0, high=2048, step=8),
 )
@@ -101,6 +111,7 @@ def to_recipe(values: Mapping[str, Any], methods: Mapping[str, Any] | None = Non
             "width": values["width"] or None,
             "height": values["height"] or None,
             "num_images": values["count"],
+            "batch_size": values["batch"] or None,
         },
     }
 
@@ -125,6 +136,7 @@ def from_recipe(recipe: Recipe, methods: Mapping[str, Any] | None = None) -> dic
         "width": s.width or 0,
         "height": s.height or 0,
         "count": s.num_images,
+        "batch": s.batch_size or 0,
     }
     rows = own.pop("rows")
     values.update({f"{method}.{name}": v for name, v in own.items()})

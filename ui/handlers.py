@@ -61,10 +61,19 @@ def run_recipe(recipe_json: str, progress=None, request: gr.Request | None = Non
     paths = write_pngs(
         [png_bytes(image, info) for image, info in zip(result.images, result.metadata, strict=True)]
     )
+    count = len(result.images)
+    batching = (
+        ""
+        if count <= 1
+        else " in one batch"
+        if result.batch_size >= count
+        else f" in batches of {result.batch_size}"
+    )
     status = (
-        f"{len(result.images)} image(s), {sum(result.seconds):.2f} s on {result.device} "
+        f"{count} image(s){batching}, {sum(result.seconds):.2f} s on {result.device} "
         f"({sum(result.seconds) / max(len(result.images), 1):.2f} s per image)"
     )
+    recipe = result.recipe  # with the batch size it used, so that Re-run makes the same batches
     kappas = views.traces(recipe, result, paths)
     return {
         "gallery": gallery_items(paths, recipe),

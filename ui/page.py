@@ -91,6 +91,7 @@ class Page:
             c["seed"] = component(by_name["seed"], start["seed"])
             c["dice"] = gr.Button("Random", scale=0, min_width=80)
             c["count"] = component(by_name["count"], start["count"])
+            c["batch"] = component(by_name["batch"], start["batch"])
         with gr.Row():
             for name in ("width", "height"):
                 c[name] = component(by_name[name], start[name])

@@ -43,7 +43,8 @@ def run(job: Job) -> Result:
     """The recipe's scheduler is used; CFG acts on the blended prediction."""
 
     from composer import registry
-    from composer.methods.sampling import each_image, pipe_arguments, recorder
+    from composer.methods.batches import each_batch
+    from composer.methods.sampling import pipe_arguments, recorder
     from composer.schedulers import make_scheduler
     from pipelines.aggregation import AggregationPipeline
 
@@ -79,24 +80,27 @@ def run(job: Job) -> Result:
     aggregator_prompt = recipe.prompt if own and recipe.prompt else None
     all_maps: list[dict] = []
 
-    def one(seed: int, on_step):
+    def batch(seeds: list[int], on_step):
         steps, record = recorder(on_step)
         out = ensemble(
             prompts,
             aggregator_prompt=aggregator_prompt,
             return_maps=True,
-            **pipe_arguments(job, pipes[0], seed, record),
+            **pipe_arguments(job, pipes[0], seeds, record),
         )
-        image_maps = {}
-        for name, maps in zip(out.point_names, out.maps, strict=True):
-            weights = maps[:, 0].float().mean(dim=(2, 3))  # (steps, N): mean weight per expert
-            for k, row in enumerate(weights.tolist()):
-                steps[k].setdefault("aggregation", {})[name] = [round(w, 4) for w in row]
-            image_maps[name] = maps[:, 0].float().mean(dim=0)
-        all_maps.append(image_maps)
-        return out.images[0], steps
+        traces = []
+        for b in range(len(seeds)):
+            image_steps, image_maps = [dict(step) for step in steps], {}
+            for name, maps in zip(out.point_names, out.maps, strict=True):
+                weights = maps[:, b].float().mean(dim=(2, 3))  # (steps, N): mean per expert
+                for k, row in enumerate(weights.tolist()):
+                    image_steps[k].setdefault("aggregation", {})[name] = [round(w, 4) for w in row]
+                image_maps[name] = maps[:, b].float().mean(dim=0)
+            all_maps.append(image_maps)
+            traces.append(image_steps)
+        return out.images, traces
 
-    result = each_image(job, str(ensemble.device), one)
+    result = each_batch(job, str(ensemble.device), batch, pipes[0], passes=len(sources))
     result.maps = all_maps
     return result
 

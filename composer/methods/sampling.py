@@ -1,14 +1,9 @@
-"""What every method's runner shares: the request (``Job``), the per-image loop, the trace
-recorder and the ``Result``.
-
-Images are made one at a time so that image ``i`` of a batch is bit-for-bit the image that its
-own PNG's recipe (seed ``seed + i``, one image) makes again.
-"""
+"""What every method's runner shares: the request (``Job``), the pipeline arguments of a batch,
+the trace recorder and the ``Result``; the loop over batches is ``composer.methods.batches``."""
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,7 +13,6 @@ from PIL import Image
 from composer import registry
 from composer.checkpoints.hashing import file_sha256, model_file
 from composer.recipe import Recipe, RecipeError
-from composer.sharing.pnginfo import png_info
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)``: steps done so far over all images of the request."""
@@ -45,6 +39,8 @@ class Result:
     device: str = ""
     merge_seconds: float | None = None
     """``merge``: seconds spent merging weights (0.0 when the live merge was reused)."""
+    batch_size: int = 1
+    """How many images one pipeline call sampled (the last, if an out-of-memory error halved it)."""
     maps: list[dict[str, torch.Tensor]] = field(default_factory=list)
     """``aggregate``: per image, per aggregation point, each expert's weight at every pixel of
     that point's features averaged over the steps, (N, h, w)."""
@@ -75,19 +71,21 @@ class Job:
         return s.width or native_width, s.height or native_height
 
 
-def pipe_arguments(job: Job, pipe, seed: int, on_step, device: str = "cpu") -> dict:
-    """What every method passes its pipeline for one image, as diffusers names it: the negative
-    prompt, steps, guidance, size (the model's own where the recipe gives none), the image's
-    generator (seeded ``seed``, on ``device``) and the step callback."""
+def pipe_arguments(job: Job, pipe, seeds: list[int], on_step, device: str = "cpu") -> dict:
+    """What every method passes its pipeline for one batch, as diffusers names it: the negative
+    prompt, steps, guidance, size (the model's own where the recipe gives none), one generator
+    per image (seeded ``seeds[i]``, on ``device``) and the step callback."""
     recipe, s = job.recipe, job.recipe.sampler
     width, height = job.size(pipe)
+    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
     return {
         "negative_prompt": recipe.negative_prompt or None,
         "num_inference_steps": s.steps,
         "guidance_scale": s.guidance_scale,
         "width": width,
         "height": height,
-        "generator": torch.Generator(device=device).manual_seed(seed),
+        "num_images_per_prompt": len(seeds),
+        "generator": generators[0] if len(generators) == 1 else generators,
         "callback_on_step_end": on_step,
     }
 
@@ -98,8 +96,8 @@ def native_size(pipe) -> tuple[int, int]:
 
 
 def recorder(on_step):
-    """A fresh per-image trace and a ``callback_on_step_end`` that fills it, then calls
-    ``on_step`` (progress and cancel)."""
+    """A fresh per-step trace (the same for every image of a batch) and a
+    ``callback_on_step_end`` that fills it, then calls ``on_step`` (progress and cancel)."""
     steps: list[dict] = []
 
     def record(p, step, timestep, kwargs):
@@ -107,48 +105,6 @@ def recorder(on_step):
         return on_step(p, step, timestep, kwargs)
 
     return steps, record
-
-
-def each_image(job: Job, device: str, sample) -> Result:
-    """The loop every method shares: image i with seed ``seed + i``, progress over all images,
-    cancel between steps, PNG metadata. ``sample(seed, on_step)`` makes one image and returns it
-    with its per-step trace; ``on_step`` is a diffusers ``callback_on_step_end``."""
-    recipe, progress, cancel = job.recipe, job.progress, job.cancel
-    s = recipe.sampler
-    total = s.steps * s.num_images
-    images, seeds, seconds, trace = [], [], [], []
-    for i in range(s.num_images):
-
-        def on_step(p, step, timestep, kwargs, i=i):
-            if progress is not None:
-                progress(i * s.steps + step + 1, total)
-            if cancel is not None and cancel.is_set():
-                p._interrupt = True
-            return kwargs
-
-        seed = s.seed + i
-        start = time.perf_counter()
-        image, steps = sample(seed, on_step)
-        if cancel is not None and cancel.is_set():
-            raise Cancelled(images)
-        seconds.append(time.perf_counter() - start)
-        images.append(image)
-        seeds.append(seed)
-        trace.append(steps)
-    from composer.methods import METHODS
-
-    model_hashes, lora_hashes = _hashes(recipe, job.sources)
-    sampler = METHODS[recipe.method].sampler
-    metadata = [png_info(recipe, i, model_hashes, lora_hashes, sampler) for i in range(len(images))]
-    return Result(
-        recipe=recipe,
-        images=images,
-        seeds=seeds,
-        seconds=seconds,
-        trace=trace,
-        metadata=metadata,
-        device=device,
-    )
 
 
 def expert_adapters(job: Job) -> list[tuple | None]:
@@ -173,7 +129,7 @@ def expert_adapters(job: Job) -> list[tuple | None]:
     return adapters
 
 
-def _hashes(recipe: Recipe, sources: list[registry.Source]) -> tuple[dict, dict]:
+def hashes(recipe: Recipe, sources: list[registry.Source]) -> tuple[dict, dict]:
     model_hashes = {}
     for source in sources:
         path = model_file(source)

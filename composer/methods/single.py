@@ -20,7 +20,8 @@ def run(job: Job) -> Result:
 def sample(job: Job, shared_pipe, components: dict | None = None) -> Result:
     """``shared_pipe`` with a request-local scheduler (schedulers are not thread-safe) and, for a
     merge, the merged ``components`` in place of its own."""
-    from composer.methods.sampling import each_image, pipe_arguments, recorder
+    from composer.methods.batches import each_batch
+    from composer.methods.sampling import pipe_arguments, recorder
     from composer.schedulers import make_scheduler
 
     s = job.recipe.sampler
@@ -32,12 +33,12 @@ def sample(job: Job, shared_pipe, components: dict | None = None) -> Result:
     pipe.set_progress_bar_config(disable=True)
     prompt = job.recipe.expert_prompt(0)
 
-    def one(seed: int, on_step):
+    def batch(seeds: list[int], on_step):
         steps, record = recorder(on_step)
-        image = pipe(prompt=prompt, **pipe_arguments(job, pipe, seed, record)).images[0]
-        return image, steps
+        images = pipe(prompt=prompt, **pipe_arguments(job, pipe, seeds, record)).images
+        return images, [list(steps) for _ in seeds]
 
-    return each_image(job, str(pipe.device), one)
+    return each_batch(job, str(pipe.device), batch, pipe)
 
 
 def default_model() -> str:

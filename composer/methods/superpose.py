@@ -47,7 +47,9 @@ def run(job: Job) -> Result:
     recipe's scheduler is not used: the density estimate needs the pipeline's own
     Euler–Maruyama steps (FIELD_NOTES)."""
 
-    from composer.methods.sampling import each_image, expert_adapters, pipe_arguments
+    from composer.methods.batches import each_batch
+    from composer.methods.sampling import expert_adapters, pipe_arguments
+    from composer.speedups import Speedups
     from pipelines.superposition import SuperpositionPipeline
 
     recipe, sources = job.recipe, job.sources
@@ -69,25 +71,31 @@ def run(job: Job) -> Result:
         for i, src in enumerate(sources)
     ]
 
-    def one(seed: int, on_step):
+    streams = Speedups.from_env().streams
+
+    def batch(seeds: list[int], on_step):
         out = pipe(
             experts=experts,
             mode=settings.mode,
             temperature=settings.temperature,
             bias=list(settings.bias) if settings.bias else None,
-            **pipe_arguments(job, pipes[0], seed, on_step, device=pipe.device),
+            cuda_streams=streams,
+            **pipe_arguments(job, pipes[0], seeds, on_step, device=pipe.device),
         )
-        steps = [
-            {
-                "step": k + 1,
-                "kappa": out.kappa[k, :, 0].tolist(),
-                "log_density": out.log_density[k + 1, :, 0].tolist(),
-            }
-            for k in range(out.kappa.shape[0])
+        traces = [
+            [
+                {
+                    "step": k + 1,
+                    "kappa": out.kappa[k, :, b].tolist(),
+                    "log_density": out.log_density[k + 1, :, b].tolist(),
+                }
+                for k in range(out.kappa.shape[0])
+            ]
+            for b in range(len(seeds))
         ]
-        return out.images[0], steps
+        return out.images, traces
 
-    return each_image(job, str(pipe.device), one)
+    return each_batch(job, str(pipe.device), batch, pipes[0], passes=len(sources))
 
 
 def default_experts() -> list[str]:

@@ -45,13 +45,15 @@ def a1111_parameters(
     model_hashes: dict[str, str] | None = None,
     lora_hashes: dict[str, str] | None = None,
     sampler: str | None = None,
+    batch: tuple[int, int] | None = None,
 ) -> str:
     """The ``parameters`` text of image ``index`` of ``recipe`` (its seed is ``seed + index``).
 
     ``model_hashes`` maps a model reference to its sha256, ``lora_hashes`` a LoRA reference to the
     sha256 of its safetensors body; A1111 shows the first 10 and 12 hex digits of them.
     ``sampler`` names a method's own sampler (``Method.sampler``) where it does not use the
-    recipe's scheduler.
+    recipe's scheduler. ``batch`` is (first index, size) of the batch the image was made in;
+    a batch of more than one is written as A1111 writes it, ``Batch size`` and ``Batch pos``.
     """
     model_hashes, lora_hashes = model_hashes or {}, lora_hashes or {}
     loras = {lo.path: lo.weight for e in recipe.experts for lo in e.loras}
@@ -71,6 +73,8 @@ def a1111_parameters(
     ]
     if s.width and s.height:
         pairs.append(("Size", f"{s.width}x{s.height}"))
+    if batch is not None and batch[1] > 1:
+        pairs += [("Batch size", str(batch[1])), ("Batch pos", str(index - batch[0]))]
     models = list(dict.fromkeys(e.model for e in recipe.experts))
     first_hash = model_hashes.get(models[0])
     if len(models) == 1 and first_hash:
@@ -87,11 +91,18 @@ def a1111_parameters(
     return "\n".join(lines)
 
 
-def image_recipe(recipe: Recipe, index: int) -> Recipe:
-    """The recipe that makes exactly image ``index`` of ``recipe`` on its own."""
+def image_recipe(recipe: Recipe, index: int, batch: tuple[int, int] | None = None) -> Recipe:
+    """The recipe that makes exactly image ``index`` of ``recipe`` again: the image alone (seed
+    ``seed + index``) when it was made alone, else the batch (first index, size) it was made in,
+    since a batch changes an image by float rounding (``composer.methods.batches``)."""
     from dataclasses import replace
 
-    sampler = replace(recipe.sampler, seed=recipe.sampler.seed + index, num_images=1)
+    start, size = batch or (index, 1)
+    s = recipe.sampler
+    if size == 1:
+        sampler = replace(s, seed=s.seed + index, num_images=1, batch_size=None)
+    else:
+        sampler = replace(s, seed=s.seed + start, num_images=size, batch_size=size)
     return replace(recipe, sampler=sampler)
 
 
@@ -101,11 +112,12 @@ def png_info(
     model_hashes: dict | None = None,
     lora_hashes: dict | None = None,
     sampler: str | None = None,
+    batch: tuple[int, int] | None = None,
 ) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
-    text = a1111_parameters(recipe, index, model_hashes, lora_hashes, sampler)
+    text = a1111_parameters(recipe, index, model_hashes, lora_hashes, sampler, batch)
     info.add_text(PARAMETERS_CHUNK, text)
-    info.add_itxt(RECIPE_CHUNK, image_recipe(recipe, index).to_json(indent=None))
+    info.add_itxt(RECIPE_CHUNK, image_recipe(recipe, index, batch).to_json(indent=None))
     return info
 
 

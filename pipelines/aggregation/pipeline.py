@@ -12,6 +12,7 @@ pipeline: ε = ε_AFA(∅) + w·(ε_AFA(c) − ε_AFA(∅)), both branches aggre
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -189,7 +190,7 @@ class AggregationPipeline(EnsemblePipeline):
         negative_prompt: str | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -257,6 +258,13 @@ class AggregationPipeline(EnsemblePipeline):
             latents,
         )
 
+        # As diffusers' prepare_extra: not every scheduler's step takes a generator
+        # (UniPC and DPM-Solver++ multistep are deterministic and reject it).
+        extra = (
+            {"generator": generator}
+            if "generator" in inspect.signature(self.scheduler.step).parameters
+            else {}
+        )
         aggregator = self.aggregator
         combine = aggregator.combine if aggregator is not None else uniform_combine
         history: list[list[torch.Tensor]] = []
@@ -277,9 +285,8 @@ class AggregationPipeline(EnsemblePipeline):
                 if cfg:
                     uncond, cond = noise.chunk(2)
                     noise = uncond + guidance_scale * (cond - uncond)
-                latents = self.scheduler.step(
-                    noise, t, latents, generator=generator, return_dict=False
-                )[0]
+                step = self.scheduler.step(noise, t, latents, return_dict=False, **extra)
+                latents = step[0]
                 if step_maps is not None:
                     history.append([m[-batch:].to("cpu", torch.float16) for m in step_maps])
                 if callback_on_step_end is not None:

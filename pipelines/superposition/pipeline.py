@@ -305,8 +305,11 @@ class SuperpositionPipeline(EnsemblePipeline):
         n_experts: int,
         timestep_of: dict[float, torch.Tensor],
         cfg: bool,
+        cuda_streams: bool = False,
     ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]]:
-        """``denoise(x, σ)`` for ``sample_superposition``: one U-Net call per U-Net per step."""
+        """``denoise(x, σ)`` for ``sample_superposition``: one U-Net call per U-Net per step;
+        with ``cuda_streams`` (and distinct U-Nets on a CUDA device) each call on its own
+        stream, the step's results joined on the current one."""
         prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         # adapters are switched per call only where one U-Net runs with several adapter sets
         unets = [id(g.unet) for g in groups if g.adapters is not None]
@@ -314,6 +317,36 @@ class SuperpositionPipeline(EnsemblePipeline):
         if not switching:
             for group in groups:
                 activate(group.adapters, group.unet, self._text_encoders())
+        device = self._execution_device
+        streams = (
+            [torch.cuda.Stream(device) for _ in groups]
+            if cuda_streams and device.type == "cuda" and len(groups) > 1 and not switching
+            else None
+        )
+
+        def call(group: _UNetBatch, x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if switching:
+                activate(group.adapters, group.unet, self._text_encoders())
+            k = len(group.experts) + int(cfg)
+            return group.unet(
+                x_vp.to(group.unet.dtype).repeat(k, *([1] * (x_vp.dim() - 1))),
+                t,
+                encoder_hidden_states=group.embeds,
+                added_cond_kwargs=group.added_cond_kwargs,
+                return_dict=False,
+            )[0]
+
+        def call_on_streams(x_vp: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+            main = torch.cuda.current_stream(device)
+            outs = []
+            for group, stream in zip(groups, streams, strict=True):
+                stream.wait_stream(main)
+                with torch.cuda.stream(stream):
+                    outs.append(call(group, x_vp, t))
+            for stream, out in zip(streams, outs, strict=True):
+                main.wait_stream(stream)
+                out.record_stream(main)
+            return outs
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor):
             s = float(sigma)
@@ -321,17 +354,12 @@ class SuperpositionPipeline(EnsemblePipeline):
             t = timestep_of[s]
             eps: list[torch.Tensor | None] = [None] * n_experts
             eps_uncond: list[torch.Tensor | None] = [None] * n_experts
-            for group in groups:
-                if switching:
-                    activate(group.adapters, group.unet, self._text_encoders())
+            if streams is not None:
+                outs = call_on_streams(x_vp, t)
+            else:
+                outs = [call(group, x_vp, t) for group in groups]
+            for group, out in zip(groups, outs, strict=True):
                 k = len(group.experts) + int(cfg)
-                out = group.unet(
-                    x_vp.to(group.unet.dtype).repeat(k, *([1] * (x.dim() - 1))),
-                    t,
-                    encoder_hidden_states=group.embeds,
-                    added_cond_kwargs=group.added_cond_kwargs,
-                    return_dict=False,
-                )[0]
                 chunks = [
                     _to_epsilon(c.to(x.dtype), x_vp, s, prediction_type) for c in out.chunk(k)
                 ]
@@ -351,7 +379,7 @@ class SuperpositionPipeline(EnsemblePipeline):
         guidance_scale: float = 7.5,
         temperature: float | None = None,
         bias: torch.Tensor | Sequence[float] | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -362,6 +390,7 @@ class SuperpositionPipeline(EnsemblePipeline):
         experts: Sequence[Expert] | None = None,
         latents: torch.Tensor | None = None,
         return_dict: bool = True,
+        cuda_streams: bool = False,
     ) -> SuperpositionPipelineOutput | tuple:
         r"""Generate ``num_images_per_prompt`` images from a superposition of the experts.
 
@@ -373,7 +402,9 @@ class SuperpositionPipeline(EnsemblePipeline):
             guidance_scale: CFG weight w; guidance acts on the drift only, the densities are
                 those of the unguided conditional experts. No unconditional branch when w ≤ 1.
             generator: one ``torch.Generator`` (on the pipeline's device) for the initial noise
-                and every Euler–Maruyama step.
+                and every Euler–Maruyama step, or a list with one per image (as in diffusers):
+                image b then draws its initial and step noise from generator b only, so it is
+                the image that generator gives alone (up to the batch's float rounding).
             mode: ``"or"`` (κ = softmax(T·L + bias): the mixture of the experts), ``"and"`` (κ
                 keeps all experts' densities equal), ``"average"`` (fixed κ = 1/N or
                 softmax(bias): the paper's averaging baseline) or ``"joint"`` (the paper's other
@@ -398,6 +429,8 @@ class SuperpositionPipeline(EnsemblePipeline):
                 estimate), ``kappa`` (N, B) and ``log_density`` (N, B). A returned ``latents``
                 replaces x. Setting ``pipe._interrupt = True`` stops after that step; the latents
                 reached so far are decoded (still noisy, as in diffusers).
+            cuda_streams: on a CUDA device, run experts whose U-Nets differ on separate CUDA
+                streams, so that their calls can overlap (``bench.gpu_switches`` measures it).
 
         Returns:
             ``SuperpositionPipelineOutput(images, kappa, log_density)``, or the tuple
@@ -405,8 +438,6 @@ class SuperpositionPipeline(EnsemblePipeline):
         """
         if mode not in PIPELINE_MODES:
             raise ValueError(f"mode must be one of {PIPELINE_MODES}, not {mode!r}")
-        if isinstance(generator, list):
-            raise ValueError("generator must be a single torch.Generator, not a list")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise ValueError(
                 "negative_prompt must be one str: every expert shares one unconditional branch"
@@ -478,7 +509,7 @@ class SuperpositionPipeline(EnsemblePipeline):
 
             with contextlib.suppress(_Interrupted):
                 sample_superposition(
-                    self._denoiser(groups, len(resolved), timestep_of, cfg),
+                    self._denoiser(groups, len(resolved), timestep_of, cfg, cuda_streams),
                     x,
                     sigmas,
                     mode=sampler_mode,

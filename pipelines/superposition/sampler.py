@@ -73,6 +73,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]]
 """``denoise(x, sigma) -> (eps_uncond, eps)``: ``eps`` (N, B, *dims) are the experts' unguided
@@ -288,7 +289,7 @@ def sample_superposition(
     guidance_scale: float = 1.0,
     temperature: float = 1.0,
     bias: torch.Tensor | Sequence[float] | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     callback: Callable[[dict], None] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Sample a superposition of N experts (SuperDiff sampling loop, VE form).
@@ -304,11 +305,14 @@ def sample_superposition(
       the set where all experts' densities are equal;
     - ``"average"``: fixed κ = 1/N (or softmax(bias)) — the paper's averaging baseline.
 
-    Each step draws z = torch.randn(x.shape, generator=generator) (x's dtype/device) unless it is
-    the last step into σ = 0, which is the noise-free Tweedie step. ``callback`` gets a dict per
-    step after it: ``i``, ``sigma``, ``sigma_next``, ``x`` (at σ_next), ``kappa`` (N, B, the
-    weights used), ``log_density`` (N, B, L at σ_next) and ``denoised`` (the Tweedie estimate
-    x − σ·ε_drift at the step's start, for previews; equal to ``x`` on the last step).
+    Each step draws z = randn_tensor(x.shape, generator=generator) (x's dtype/device) unless it
+    is the last step into σ = 0, which is the noise-free Tweedie step. ``generator`` may be a
+    list with one generator per image: image b's noise then comes from generator b alone, so
+    image b of a batch draws exactly the noise it draws when sampled alone with that generator.
+    ``callback`` gets a dict per step after it: ``i``, ``sigma``, ``sigma_next``, ``x`` (at
+    σ_next), ``kappa`` (N, B, the weights used), ``log_density`` (N, B, L at σ_next) and
+    ``denoised`` (the Tweedie estimate x − σ·ε_drift at the step's start, for previews; equal to
+    ``x`` on the last step).
 
     Returns ``(x, trace)`` with trace ``kappa`` (steps, N, B) float64, ``log_density``
     (steps + 1, N, B) float64 starting at zeros, and ``sigmas``.
@@ -332,7 +336,7 @@ def sample_superposition(
         eps_guided = guided(eps_uncond, eps, guidance_scale)
         noise = None
         if sigma_next != 0:
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            noise = randn_tensor(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         if mode == "or":
             kappa = or_weights(log_density, temperature, bias)
         elif mode == "and":
