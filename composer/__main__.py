@@ -43,12 +43,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _load_recipe(args: argparse.Namespace):
     from composer import registry
     from composer.recipe import parse
+    from composer.untrusted import load_json
 
     text = sys.stdin.read() if args.recipe == "-" else _read(args.recipe)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RecipeError(f"recipe: {args.recipe} is not valid JSON ({e})") from None
+    data = load_json(text, "recipe", source=args.recipe)
     if not isinstance(data, dict):
         raise RecipeError(f"recipe: {args.recipe} must hold a JSON object")
     return parse(apply_overrides(data, args.set), check=registry.check_reference)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from composer import speedups
+from composer import hosted, speedups
 from composer.checkpoints.ldm_format import CONFIG_KEY
 from composer.device import pick_device
 from composer.recipe import RecipeError, looks_like_hub_id
@@ -104,6 +104,11 @@ def _resolve(reference: str, where: str, kind: _Kind) -> Source:
     names = bundled(kind.folder)
     if reference in names:
         return Source(reference, "bundled", str(names[reference]))
+    if hosted.active() and not hosted.uploaded(reference):
+        if looks_like_hub_id(reference) and not _looks_like_path(reference):
+            return Source(reference, "hub", reference)
+        label = {"models": "model", "loras": "LoRA"}[kind.folder]
+        raise hosted.refusal(reference, where, label, ", ".join(names))
     path = Path(reference).expanduser()
     shown = {"where": where, "reference": repr(reference), "names": ", ".join(names)}
     if _looks_like_path(reference) or path.exists():
@@ -138,6 +143,11 @@ def resolve_aggregator(reference: str, where: str = "aggregator") -> str:
     aggregators = bundled("aggregators")
     if reference in aggregators:
         return str(aggregators[reference])
+    if hosted.active():
+        raise RecipeError(
+            f"{where}: {reference!r} is not available on this server; expected a bundled "
+            f"aggregator ({', '.join(aggregators) or 'none bundled'})"
+        )
     path = Path(reference).expanduser()
     if path.is_dir():
         return str(path.resolve())
@@ -160,7 +170,7 @@ def load_aggregator(path: str, device: torch.device, dtype: torch.dtype):
             f"aggregate.aggregator: {path!r} holds no diffusion_pytorch_model.safetensors"
         )
     key = (str(Path(path).resolve()), weights.stat().st_mtime_ns, str(device), str(dtype))
-    with _AGGREGATOR_LOCK:
+    with LOADING:
         if key not in _AGGREGATORS:
             try:
                 aggregator = Aggregator.from_pretrained(path, use_safetensors=True)
@@ -174,7 +184,13 @@ def load_aggregator(path: str, device: torch.device, dtype: torch.dtype):
 
 
 _AGGREGATORS: dict[tuple, object] = {}
-_AGGREGATOR_LOCK = threading.Lock()
+
+LOADING = threading.RLock()
+"""Held while weights load (pipelines, LoRAs, aggregators). Loading patches global state:
+diffusers and accelerate create modules on the ``meta`` device by patching
+``nn.Module.register_parameter``, transformers marks parameters ``_is_hf_initialized``; two loads
+at once corrupt each other ("Tensor on device meta is not on the expected device", issue 20), so
+requests may sample in parallel but load one at a time."""
 
 
 def check_reference(kind: str, reference: str, where: str) -> None:
@@ -315,9 +331,13 @@ def load_pipeline(source: Source, device: torch.device, dtype: torch.dtype):
         raise RecipeError(
             f"model {source.reference!r}: could not be loaded: {_first_line(text)}"
         ) from None
-    except (ValueError, KeyError, RuntimeError) as e:
+    except Exception as e:
+        # every library error is the file's: diffusers' SingleFileComponentError (metadata or
+        # unrelated keys only), a config naming a class that does not exist (TypeError,
+        # ModuleNotFoundError), a header that lies about its tensors
         raise RecipeError(
-            f"model {source.reference!r}: could not be loaded: {_first_line(str(e))}"
+            f"model {source.reference!r}: could not be loaded: "
+            f"{_first_line(str(e)) or type(e).__name__}"
         ) from None
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe if device.type == "cpu" else pipe.to(device)
@@ -389,7 +409,7 @@ class Lease:
                     f"lora_{len(self.entry.adapters)}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
                 )
                 try:
-                    with warnings.catch_warnings():
+                    with LOADING, warnings.catch_warnings():
                         # peft warns on every adapter after the first; several are the point
                         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                         self.pipe.load_lora_weights(path, adapter_name=name)
@@ -445,8 +465,13 @@ class ModelCache:
             if entry is not None:
                 self._entries.move_to_end(source.location)
                 return entry
-        device, dtype = pick_device()
-        pipe = load_pipeline(source, device, dtype)
+        with LOADING:  # one load at a time, and never the same model twice
+            with self._lock:
+                entry = self._entries.get(source.location)
+                if entry is not None:
+                    return entry
+            device, dtype = pick_device()
+            pipe = load_pipeline(source, device, dtype)
         with self._lock:
             entry = self._entries.get(source.location)
             if entry is None:

@@ -16,11 +16,12 @@ import zlib
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from composer.recipe import Recipe, RecipeError, parse
+from composer.untrusted import MAX_BYTES
 
 MAX_LINK_CHARS = 4000
 """Longest ``recipe=`` value. Proxies and servers commonly refuse request lines beyond 8 KB, and
 on a Space the app's iframe URL carries a signed token of about 1 KB besides the query."""
-MAX_RECIPE_BYTES = 256 * 1024
+MAX_RECIPE_BYTES = MAX_BYTES
 """Largest recipe JSON that a link or the share store accepts (a real recipe is a few KB); also
 bounds what a link's compressed value may inflate to."""
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")

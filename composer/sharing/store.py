@@ -41,6 +41,9 @@ SPACE_DATA = Path("/data")
 """Where a Hugging Face Space mounts its persistent storage, when it has some."""
 
 
+_SWEPT: set[Path] = set()
+
+
 class StoreError(RecipeError):
     """A share that cannot be saved or opened. A ``RecipeError``, so that everything that shows
     a user their mistakes (page, API, CLI) shows these messages too."""
@@ -79,6 +82,29 @@ class Store:
                 "CREATE TABLE IF NOT EXISTS shares (id TEXT PRIMARY KEY, created REAL NOT NULL, "
                 "recipe TEXT NOT NULL, images TEXT NOT NULL, listed INTEGER NOT NULL)"
             )
+        if self.root.resolve() not in _SWEPT:  # once per process and folder: on start
+            _SWEPT.add(self.root.resolve())
+            self.sweep()
+
+    def sweep(self, orphan_age_s: float = 60.0) -> list[Path]:
+        """Remove what interrupted saves left (a process killed mid-save): staging folders of
+        processes that no longer run (each is named ``<pid>-<random>``), and entry folders with
+        no index row that are older than ``orphan_age_s`` (a live save holds one only for the
+        moment between its rename and its insert). Returns what it removed."""
+        removed = []
+        for staged in self.staging.iterdir():
+            pid = staged.name.partition("-")[0]
+            if not (pid.isdigit() and _alive(int(pid))):
+                shutil.rmtree(staged, ignore_errors=True)
+                removed.append(staged)
+        with self._connect() as db:
+            known = {row[0] for row in db.execute("SELECT id FROM shares")}
+        now = time.time()
+        for folder in self.shares.iterdir():
+            if folder.name not in known and now - folder.stat().st_mtime > orphan_age_s:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+        return removed
 
     def save(self, recipe_json: str, pngs: Sequence[bytes], listed: bool = False) -> str:
         """Store a recipe (JSON, parsed here like every recipe) and its PNGs; returns the new id.
@@ -91,7 +117,7 @@ class Store:
         recipe = parse(recipe_json)
         _check_images(pngs)
         images = [{"bytes": len(p), "sha256": hashlib.sha256(p).hexdigest()} for p in pngs]
-        staged = self.staging / uuid.uuid4().hex
+        staged = self.staging / f"{os.getpid()}-{uuid.uuid4().hex}"
         try:
             staged.mkdir()
             for i, png in enumerate(pngs):
@@ -219,3 +245,16 @@ def _sync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (signal 0 checks without sending one)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
