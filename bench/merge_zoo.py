@@ -4,9 +4,10 @@
 
 Writes ``bench/results/merge-zoo-<device>.json``: for "a red circle" (toy-warm's domain) and
 "a blue square" (toy-cool's), the accuracy of each expert alone and of the merges of toy-warm and
-toy-cool over toy-base by weighted average, task arithmetic, TIES and DARE-TIES, with the exact
-recipes; issue 5's target is that TIES keeps ≥ 90 % of each expert's own accuracy. Also the
-purple and star LoRAs merged (exact sum, ``composer lora merge``) on toy-base: "a purple star".
+toy-cool over toy-base by weighted average, task arithmetic, TIES and DARE-TIES, and their Fisher
+merge (``FISHER``), with the exact recipes; issue 5's target is that TIES keeps ≥ 90 % of each
+expert's own accuracy. Also the purple and star LoRAs merged (exact sum, ``composer lora
+merge``) on toy-base: "a purple star".
 
     python -m bench.merge_zoo --sweep [--seeds 16]
 
@@ -57,6 +58,11 @@ MERGES = {
         "seed": 0,
     },
 }
+
+
+FISHER = {"method": "fisher", "fisher_samples": 32, "fisher_estimator": "true"}
+"""Fisher merging (issue 23) with equal weights, each expert's Fisher estimated from 32 of its
+own samples of the recipe's prompt (cached per model and prompt)."""
 
 
 VALIDATION_PROMPTS = {
@@ -250,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                 MERGES["ties"],
             )
         )
+        cases.append(("fisher", EXPERTS, FISHER))
         for name, experts, merge in cases:
             row = accuracy(merge_recipe(prompt, merge, experts), color, shape, args.seeds, cache)
             row["relative_to_expert"] = (

@@ -47,6 +47,11 @@ def export(recipe: Recipe, out: str | Path, dtype: str = "fp16", device: str | N
             f"method: {recipe.method!r} is not accepted; export needs 'merge', or 'single' to bake "
             "an expert's LoRAs into its model"
         )
+    if settings is not None and settings.method == "fisher":
+        raise RecipeError(
+            "merge.method: 'fisher' is not exported yet (its Fisher estimates need the models "
+            "loaded to sample from); generate with it, or export another method"
+        )
     target = DTYPES[dtype]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     start = time.perf_counter()

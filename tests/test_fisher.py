@@ -88,3 +88,45 @@ def test_a_unet_estimate_is_cached_and_reused_without_a_backward_pass(
     monkeypatch.undo()
     _, hit = fisher.cached_unet_fisher(pipe, "abc", ["a blue square"], tmp_path, n=3)
     assert not hit  # other prompts, another estimate
+
+
+def test_a_fisher_merge_recipe_runs_live_and_equal_fisher_is_the_weighted_sum(
+    tiny_sd1, tiny_sd1_other, tmp_path, monkeypatch
+):
+    import numpy as np
+
+    from composer import engine, registry
+    from composer.recipe import RecipeError, parse
+
+    monkeypatch.setenv("COMPOSER_DATA", str(tmp_path))
+
+    def recipe(method: str) -> dict:
+        return {
+            "prompt": "a red circle",
+            "method": "merge",
+            "experts": [
+                {"model": tiny_sd1, "weight": 1.0},
+                {"model": tiny_sd1_other, "weight": 3.0},
+            ],
+            "merge": {"method": method, "fisher_samples": 2},
+            "sampler": {"steps": 2, "seed": 1},
+        }
+
+    cache = registry.ModelCache()
+    made = engine.generate(parse(recipe("fisher")), cache=cache)
+    assert len(list((tmp_path / "fisher").glob("*.safetensors"))) == 2  # one per model
+    summed = engine.generate(parse(recipe("weighted_sum")), cache=cache)
+    assert not np.array_equal(np.asarray(made.images[0]), np.asarray(summed.images[0]))
+
+    # with every Fisher equal, θ* = Σ wᵢθᵢ / Σ wᵢ: the weighted sum, pixel for pixel
+    real = fisher.cached_unet_fisher
+    monkeypatch.setattr(
+        fisher,
+        "cached_unet_fisher",
+        lambda *a, **k: ({n: torch.ones_like(v) for n, v in real(*a, **k)[0].items()}, True),
+    )
+    equal = engine.generate(parse(recipe("fisher")), cache=cache)
+    diff = np.abs(np.asarray(equal.images[0], np.int16) - np.asarray(summed.images[0], np.int16))
+    assert diff.max() <= 1
+    with pytest.raises(RecipeError, match="'fisher' is not exported yet"):
+        engine.export(parse(recipe("fisher")), tmp_path / "out.safetensors")

@@ -36,6 +36,7 @@ def test_the_declarations_keep_the_recipes_names_and_settings():
         "dare_ties",
         "model_stock",
         "consensus",
+        "fisher",
     ]
     assert [(p.name, p.attr) for p in PARAMS.values()][:2] == [
         ("density", "density"),

@@ -38,6 +38,8 @@ FULL = {
         "consensus_of": "ties",
         "consensus_k": 2,
         "mask_lambda": 0.4,
+        "fisher_samples": 32,
+        "fisher_estimator": "true",
     },
     "superpose": {"mode": "or", "temperature": 1.0, "bias": [0.0, math.log(3)]},
     "aggregate": {"aggregator": "toy-warm-cool"},

@@ -111,13 +111,15 @@ def merged_model(
     experts: Sequence[tuple[str, Modules, float]],
     base: tuple[str, Modules] | None,
     loras: Sequence[Sequence[tuple[str, str, float]]] = (),
+    fishers: Sequence[tuple[str, dict[str, torch.Tensor]]] | None = None,
 ) -> Iterator[LiveMerge]:
     """Hold scratch modules holding the merge of ``experts`` ((name, components, weight)) over
     ``base`` ((name, components) or None) for the duration of the ``with`` block. The components
     merged are the first expert's (``COMPONENTS`` order, U-Net first); every other model must
     have them with the same parameters. ``loras[i]`` are expert i's LoRAs ((recipe field, file,
-    strength)), baked into its U-Net and text-encoder weights. A merge that cannot be done raises
-    ``MergeError``."""
+    strength)), baked into its U-Net and text-encoder weights. ``fishers[i]`` is expert i's
+    U-Net Fisher estimate as (its cache key, parameter name → tensor), for ``fisher``. A merge
+    that cannot be done raises ``MergeError``."""
     first = {c: experts[0][1][c] for c in COMPONENTS if experts[0][1].get(c) is not None}
     models = [(name, mods) for name, mods, _ in experts] + ([base] if base else [])
     for name, mods in models:
@@ -151,6 +153,7 @@ def merged_model(
         tuple((tuple(id(mods[c]) for c in first), w) for _, mods, w in experts),
         tuple(tuple((path, s) for _, path, s in files) for files in loras),
         tuple(id(base[1][c]) for c in first) if base else None,
+        tuple(k for k, _ in fishers) if fishers else None,
     )
     with slot.lock:
         seconds = 0.0
@@ -167,6 +170,7 @@ def merged_model(
                     [w for _, _, w in experts],
                     base_sd[c] if base_sd else None,
                     block_weight,
+                    [f for _, f in fishers] if fishers and c == "unet" else None,
                 )
             device = first["unet"].device
             if device.type == "cuda":
@@ -177,7 +181,9 @@ def merged_model(
 
 
 @torch.no_grad()
-def _fill(component, target, settings, experts, layers, weights, base_sd, block_weight) -> None:
+def _fill(
+    component, target, settings, experts, layers, weights, base_sd, block_weight, fishers=None
+) -> None:
     keys = list(experts[0])
 
     def expert(i: int, key: str) -> torch.Tensor:
@@ -206,5 +212,6 @@ def _fill(component, target, settings, experts, layers, weights, base_sd, block_
             block_weight(name),
             thresholds,
             shortcut=component != "unet",
+            fishers=[f[key] for f in fishers] if fishers else None,
         )  # fmt: skip
         out[key].copy_(value.to(out[key].dtype))

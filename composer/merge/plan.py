@@ -67,6 +67,7 @@ def merge_parameter(
     block_weight: float = 1.0,
     thresholds: torch.Tensor | None = None,
     shortcut: bool = False,
+    fishers: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One parameter of a whole-model merge. A buffer that is not floating point (position ids)
     is the first expert's. With ``shortcut`` (text encoders, which experts often share), a
@@ -86,6 +87,7 @@ def merge_parameter(
         weights,
         block_weight,
         thresholds,
+        fishers,
     )
 
 
@@ -97,6 +99,7 @@ def merge_tensor(
     weights: Sequence[float],
     block_weight: float = 1.0,
     thresholds: torch.Tensor | None = None,
+    fishers: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One parameter's merged value (fp32 in, fp32 out).
 
@@ -104,8 +107,9 @@ def merge_tensor(
     first expert for methods without one) toward the merge: θ_ref + b·(θ_merged − θ_ref), so
     b = 1 is the plain merge and b = 0 keeps the reference (supermerger's per-block α when the
     merge is a weighted sum with weights 1 − α, α). ``thresholds`` are TIES's whole-model trim
-    thresholds (one per expert), if ``settings.trim_scope`` is "model"."""
-    operands = Operands(name, base, experts, weights, thresholds)
+    thresholds (one per expert), if ``settings.trim_scope`` is "model"; ``fishers`` the
+    experts' Fisher estimates of this parameter (``fisher``)."""
+    operands = Operands(name, base, experts, weights, thresholds, fishers)
     out = method(settings.method).fn(settings, operands)
     if block_weight != 1.0:
         ref = base if base is not None else experts[0]

@@ -43,6 +43,10 @@ class Merge:
     """``consensus``: the merge its masks are applied to, ``task_arithmetic`` or ``ties``."""
     consensus_k: int = 2
     mask_lambda: float = 0.4
+    fisher_samples: int = 32
+    """``fisher``: how many of each model's own samples its Fisher estimate averages."""
+    fisher_estimator: str = "true"
+    """``fisher``: ``true`` (u ~ N(0, I)) or ``empirical`` Fisher (``merge.fisher``)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,16 @@ PARAMS: dict[str, Param] = {
             "consensus: an expert's mask keeps |τᵢ| ≥ λ·|τ_merged − τᵢ|",
             low=0.0, high=10.0,
         ),
+        Param(
+            "fisher_samples", "fisher_samples", 32, "Fisher samples",
+            "fisher: each model's own samples its Fisher estimate averages (cached per model)",
+            low=1, high=1024, integer=True,
+        ),
+        Param(
+            "fisher_estimator", "fisher_estimator", "true", "Fisher estimator",
+            "fisher: the true Fisher (the model's own noise) or the empirical one",
+            choices=(("true", "true"), ("empirical", "empirical")),
+        ),
     )
 }  # fmt: skip
 
@@ -130,6 +144,9 @@ class Operands:
     """The experts' weights (``None``: all 1)."""
     thresholds: Tensor | None = None
     """TIES's whole-model trim thresholds, one per expert (``trim_scope`` "model")."""
+    fishers: Sequence[Tensor] | None = None
+    """``fisher``: each expert's diagonal Fisher for this parameter (``None`` where none was
+    estimated: the text encoders)."""
 
 
 TensorMerge = Callable[[Merge, Operands], "Tensor"]
@@ -312,6 +329,23 @@ def consensus(s: Merge, t: Operands) -> Tensor:
     else:
         merged = m.task_arithmetic(base, experts, weights, 1.0) - base
     return m.consensus(base, experts, merged, s.lambda_, s.mask_lambda, s.consensus_k)
+
+
+@merge_method(
+    needs_base=False,
+    experts=(2, None),
+    params=("fisher_samples", "fisher_estimator"),
+    summary="Σ wᵢFᵢθᵢ / Σ wᵢFᵢ, Fᵢ each U-Net's data-free Fisher (Matena & Raffel 2022)",
+)
+def fisher(s: Merge, t: Operands) -> Tensor:
+    from composer.merge import fisher as f
+    from composer.merge import methods as m
+
+    if t.fishers is None:
+        if not t.name.startswith("text_encoder"):
+            raise MergeError(f"merge.method: 'fisher' has no Fisher estimate for {t.name}")
+        return m.weighted_sum(t.experts, t.weights)  # none is estimated for text encoders
+    return f.merge(t.experts, t.fishers, t.weights)
 
 
 LORA_MERGE_METHODS = ("concat", *(name for name, m in MERGE_METHODS.items() if m.for_loras))

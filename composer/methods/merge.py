@@ -109,15 +109,47 @@ def run(job: Job) -> Result:
         for i, mine in enumerate(job.loras)
     ]
     base_model = (base.reference, components(base)) if base else None
+    settings = METHOD.settings(recipe)
+    fishers = fisher_estimates(job, settings) if settings.method == "fisher" else None
     with ExitStack() as stack:
         try:
-            settings = METHOD.settings(recipe)
-            merged = stack.enter_context(merged_model(settings, experts, base_model, files))
+            merged = stack.enter_context(
+                merged_model(settings, experts, base_model, files, fishers)
+            )
         except MergeError as e:
             raise RecipeError(str(e)) from None
         result = sample(job, job.pipe(0), merged.modules)
     result.merge_seconds = merged.seconds
     return result
+
+
+def fisher_estimates(job: Job, settings: Merge) -> list[tuple[str, dict]]:
+    """Each expert's U-Net Fisher from its own samples of its prompt (``merge.fisher``), cached
+    under the data folder by model hash, prompt, sample count and estimator: a model's first
+    Fisher merge pays ``fisher_samples`` generations and backward passes, later ones read it.
+    Estimated on the model without its LoRAs (they are baked into the merge afterwards)."""
+    from composer.checkpoints.hashing import file_sha256, model_file
+    from composer.merge import fisher
+    from composer.sharing.store import data_dir
+
+    out = []
+    for i, src in enumerate(job.sources):
+        path = model_file(src)
+        model_hash = file_sha256(path) if path is not None else src.location
+        prompts = [job.recipe.expert_prompt(i)]
+        key = fisher.cache_key(
+            model_hash, prompts, settings.fisher_samples, settings.fisher_estimator, 0
+        )
+        estimate, _ = fisher.cached_unet_fisher(
+            job.leases[src.location].pipe,
+            model_hash,
+            prompts,
+            data_dir() / "fisher",
+            n=settings.fisher_samples,
+            estimator=settings.fisher_estimator,
+        )
+        out.append((key, estimate))
+    return out
 
 
 def export(recipe, out, dtype: str = "fp16") -> dict:
