@@ -14,6 +14,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from composer import registry
+from composer.embeddings import resolve as resolve_embeddings
 from composer.methods.sampling import Cancelled, Job, Progress, Result
 from composer.recipe import Recipe, RecipeError
 
@@ -33,6 +34,7 @@ def generate(
     method = METHODS[recipe.method]
     cache = cache or registry.CACHE
     sources, loras = _resolve(recipe)
+    embeddings = resolve_embeddings(recipe)
     if method.check is not None:
         method.check(recipe)
     models = {
@@ -44,7 +46,7 @@ def generate(
         leases = {
             loc: stack.enter_context(cache.lease(by_location[loc])) for loc in sorted(by_location)
         }  # one lock order for every request
-        job = Job(recipe, sources, loras, leases, models, progress, cancel)
+        job = Job(recipe, sources, loras, leases, models, progress, cancel, embeddings)
         return method.run(job)
 
 
@@ -60,18 +62,22 @@ def export(recipe: Recipe, out: str | Path, dtype: str = "fp16") -> dict:
             f"method: {recipe.method!r} makes no single model to export; expected one of "
             f"{exportable}"
         )
-    return method.export(recipe, out, dtype)
+    return method.export(recipe.untagged(), out, dtype)  # exports read only listed LoRAs
 
 
 def _resolve(recipe: Recipe) -> tuple[list[registry.Source], list[list[tuple[str, float]]]]:
-    """Each expert's model source and its LoRAs (resolved path, strength)."""
+    """Each expert's model source and its LoRAs (resolved path, strength): those listed, then
+    those its prompt names in ``<lora:…>`` tags."""
     sources, loras = [], []
     for i, expert in enumerate(recipe.experts):
         sources.append(registry.resolve_model(expert.model, f"experts[{i}].model"))
-        loras.append(
-            [
-                (registry.resolve_lora(lo.path, f"experts[{i}].loras[{j}].path"), lo.weight)
-                for j, lo in enumerate(expert.loras)
-            ]
-        )
+        mine = []
+        for j, lo in enumerate(recipe.expert_loras(i)):
+            where = (
+                f"experts[{i}].loras[{j}].path"
+                if j < len(expert.loras)
+                else f"experts[{i}]: the prompt tag <lora:{lo.path}>"
+            )
+            mine.append((registry.resolve_lora(lo.path, where), lo.weight))
+        loras.append(mine)
     return sources, loras

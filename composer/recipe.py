@@ -17,6 +17,7 @@ from typing import Any
 VERSION = 1
 MAX_EXPERTS = 8
 MAX_LORAS = 8
+MAX_EMBEDDINGS = 16
 MAX_STEPS = 150
 MAX_SIDE = 2048
 MAX_IMAGES = 16
@@ -73,6 +74,15 @@ class Lora:
 
 
 @dataclass(frozen=True)
+class Embedding:
+    """A textual-inversion embedding (``composer.embeddings``), used wherever ``token`` is
+    written in a prompt or the negative prompt."""
+
+    path: str
+    token: str
+
+
+@dataclass(frozen=True)
 class Expert:
     model: str
     loras: tuple[Lora, ...] = ()
@@ -110,6 +120,7 @@ class Recipe:
     negative_prompt: str = ""
     method: str = "single"
     sampler: Sampler = field(default_factory=Sampler)
+    embeddings: tuple[Embedding, ...] = ()
     sections: Mapping[str, Any] = field(default_factory=dict, hash=False)
     """Method name → its parsed section (``composer.methods``), for every section the recipe
     holds; a section of a method other than the chosen one is kept as given."""
@@ -149,6 +160,8 @@ class Recipe:
                 for e in self.experts
             ],
         }
+        if self.embeddings:
+            out["embeddings"] = [asdict(emb) for emb in self.embeddings]
         for name, method in METHODS.items():
             if self.sections.get(name) is not None:
                 out[name] = method.section_json(self.sections[name])
@@ -159,8 +172,24 @@ class Recipe:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
 
     def expert_prompt(self, i: int) -> str:
+        """What expert ``i``'s text encoder reads: its prompt (or the recipe's) without
+        ``<lora:…>`` tags (``composer.prompts``)."""
+        from composer.prompts import strip
+
         prompt = self.experts[i].prompt
-        return self.prompt if prompt is None else prompt
+        return strip(self.prompt if prompt is None else prompt)
+
+    def expert_loras(self, i: int) -> tuple[Lora, ...]:
+        """Expert ``i``'s LoRAs: its listed ones, then the tags in its prompt."""
+        from composer.prompts import expert_loras
+
+        return expert_loras(self, i)
+
+    def untagged(self) -> Recipe:
+        """The same generation with every prompt tag moved into its experts' ``loras``."""
+        from composer.prompts import untagged
+
+        return untagged(self)
 
 
 def _listed(values: tuple[float, ...] | None) -> list[float] | None:
@@ -205,6 +234,10 @@ def parse(data: dict | str, check: ModelCheck | None = None) -> Recipe:
             sections[key] = method.parse_section(fields, len(experts))
             fields.done()
     sampler = _sampler(obj.section("sampler") or Fields("sampler", {}))
+    from composer.prompts import check as check_tags
+    from composer.prompts import embeddings as read_embeddings
+
+    embeddings = read_embeddings(obj.array("embeddings", default=[], high=MAX_EMBEDDINGS))
     obj.done()
 
     method = METHODS[name]
@@ -218,14 +251,20 @@ def parse(data: dict | str, check: ModelCheck | None = None) -> Recipe:
         method=name,
         experts=experts,
         sampler=sampler,
+        embeddings=embeddings,
         sections=sections,
         version=version,
     )
+    tagged = check_tags(recipe)
     if check is not None:
         for i, e in enumerate(recipe.experts):
             check("model", e.model, f"experts[{i}].model")
             for j, lo in enumerate(e.loras):
                 check("lora", lo.path, f"experts[{i}].loras[{j}].path")
+        for reference, where in tagged:
+            check("lora", reference, where)
+        for k, emb in enumerate(recipe.embeddings):
+            check("embedding", emb.path, f"embeddings[{k}].path")
         for key, method in METHODS.items():
             if key in sections:
                 for where, reference in method.models(recipe).items():
@@ -307,6 +346,13 @@ def _jsonable(value: Any) -> bool:
         return False
 
 
+def _close(key: str, known: list[str]) -> list[str]:
+    """The known field a typo most likely meant (``modle`` → ``model``), if any."""
+    import difflib
+
+    return difflib.get_close_matches(key, [k for k in known if k != key], n=1, cutoff=0.7)
+
+
 class Fields:
     """Reads the fields of one JSON object, each with its own check, and remembers which were
     read so that ``done`` can name a field nobody asked for (usually a typo)."""
@@ -321,8 +367,21 @@ class Fields:
         if key in self.data:
             return self.data[key]
         if required:
+            typo = [k for k in map(str, self.data) if _close(k, [key])]
+            if typo:  # "modle" given, "model" missing: name the typo, not only the gap
+                self._unknown(typo[0])
             raise RecipeError(f"{self.where}.{key}: missing; this field is required")
         return _MISSING if default is _MISSING else default
+
+    def _unknown(self, key: str) -> None:
+        known = sorted(self.read)
+        guess = _close(key, known)
+        raise RecipeError(
+            f"{self.where}: unknown field {_show(key)}"
+            + (f"; did you mean {_show(guess[0])}? Accepted" if guess else "; accepted")
+            + " fields: "
+            + ", ".join(known)
+        )
 
     def _fail(self, key: str, value: Any, accepted: str) -> RecipeError:
         return RecipeError(
@@ -332,10 +391,7 @@ class Fields:
     def done(self) -> None:
         extra = sorted(str(k) for k in self.data if k not in self.read)
         if extra:
-            raise RecipeError(
-                f"{self.where}: unknown field {_show(extra[0])}; accepted fields: "
-                + ", ".join(sorted(self.read))
-            )
+            self._unknown(extra[0])
 
     def text(
         self, key: str, default: Any = _MISSING, required: bool = False, nullable: bool = False

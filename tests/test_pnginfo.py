@@ -95,3 +95,25 @@ def test_png_without_recipe_or_not_an_image_is_a_clear_error(tmp_path):
     junk.write_bytes(b"not a png")
     with pytest.raises(RecipeError, match="not a readable image"):
         read_recipe(junk)
+
+
+def test_size_is_the_images_own_and_hashes_are_written_as_a1111_writes_them():
+    r = parse(
+        {
+            "prompt": "a red circle <lora:my,lora:0.5>",
+            "experts": [{"model": "/models/warm.safetensors"}],
+            "embeddings": [{"path": "/e/easyneg.safetensors"}],
+        }
+    )
+    text = a1111_parameters(
+        r,
+        model_hashes={"/models/warm.safetensors": "0123456789abcdef" * 4},
+        lora_hashes={"my,lora": "ef" * 32},
+        ti_hashes={"easyneg": "98" * 32},
+        size=(48, 40),
+    )
+    assert text.split("\n")[0] == "a red circle <lora:my,lora:0.5>"  # as written, no copy
+    line = text.split("\n")[-1]
+    assert "Size: 48x40" in line and "Model hash: 0123456789," in line  # AutoV2: 10 hex
+    assert 'Lora hashes: "mylora: efefefefefef"' in line  # A1111 drops ':' and ','
+    assert 'TI hashes: "easyneg: 989898989898"' in line

@@ -27,7 +27,7 @@ def parse_section(obj: Fields, n_experts: int) -> Aggregate:
 
 
 def check(recipe) -> None:
-    if any(e.loras for e in recipe.experts):
+    if any(recipe.expert_loras(i) for i in range(len(recipe.experts))):
         raise RecipeError(
             "experts: LoRAs on the experts of an aggregate are not supported: an aggregator is "
             "trained for its experts' weights; merge the LoRA into a checkpoint first"
@@ -43,8 +43,10 @@ def run(job: Job) -> Result:
     """The recipe's scheduler is used; CFG acts on the blended prediction."""
 
     from composer import registry
+    from composer.embeddings import apply as apply_embeddings
     from composer.methods.batches import each_batch
     from composer.methods.sampling import pipe_arguments, recorder
+    from composer.prompts import strip
     from composer.schedulers import make_scheduler
     from pipelines.aggregation import AggregationPipeline
 
@@ -73,11 +75,12 @@ def run(job: Job) -> Result:
     s = recipe.sampler
     ensemble.scheduler = make_scheduler(s.scheduler, pipes[0].scheduler.config)
     ensemble.set_progress_bar_config(disable=True)
+    apply_embeddings(ensemble, job)
     prompts = [recipe.expert_prompt(i) for i in range(len(sources))]
     # Experts with prompts of their own read their part; the aggregators read the whole image's
     # prompt (the recipe's), which says where each part goes.
     own = any(e.prompt is not None for e in recipe.experts)
-    aggregator_prompt = recipe.prompt if own and recipe.prompt else None
+    aggregator_prompt = strip(recipe.prompt) if own and recipe.prompt else None
     all_maps: list[dict] = []
 
     def batch(seeds: list[int], on_step):

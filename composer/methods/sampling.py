@@ -59,6 +59,9 @@ class Job:
     models: dict[str, registry.Source]
     progress: Progress | None = None
     cancel: threading.Event | None = None
+    embeddings: list[tuple[str, str]] = field(default_factory=list)
+    """(token, file) of each textual-inversion embedding the prompts use
+    (``composer.embeddings``)."""
 
     def pipe(self, i: int):
         """Expert ``i``'s cached pipeline."""
@@ -129,16 +132,21 @@ def expert_adapters(job: Job) -> list[tuple | None]:
     return adapters
 
 
-def hashes(recipe: Recipe, sources: list[registry.Source]) -> tuple[dict, dict]:
+def hashes(
+    recipe: Recipe, sources: list[registry.Source], embeddings: list[tuple[str, str]] = ()
+) -> tuple[dict, dict, dict]:
+    """sha256 of each model file, each LoRA file's body and each used embedding file, by
+    reference (embeddings: by token), for PNG info (``composer.sharing.pnginfo``)."""
     model_hashes = {}
     for source in sources:
         path = model_file(source)
         if path is not None:
             model_hashes[source.reference] = file_sha256(path)
     lora_hashes = {}
-    for e in recipe.experts:
-        for lo in e.loras:
+    for i in range(len(recipe.experts)):
+        for lo in recipe.expert_loras(i):
             resolved = registry.resolve_lora(lo.path)
             if not registry.looks_like_hub_id(resolved):
                 lora_hashes[lo.path] = file_sha256(resolved, body_only=True)
-    return model_hashes, lora_hashes
+    embedding_hashes = {token: file_sha256(path) for token, path in embeddings}
+    return model_hashes, lora_hashes, embedding_hashes

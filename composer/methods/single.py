@@ -20,6 +20,7 @@ def run(job: Job) -> Result:
 def sample(job: Job, shared_pipe, components: dict | None = None) -> Result:
     """``shared_pipe`` with a request-local scheduler (schedulers are not thread-safe) and, for a
     merge, the merged ``components`` in place of its own."""
+    from composer.embeddings import apply as apply_embeddings
     from composer.methods.batches import each_batch
     from composer.methods.sampling import pipe_arguments, recorder
     from composer.schedulers import make_scheduler
@@ -31,6 +32,7 @@ def sample(job: Job, shared_pipe, components: dict | None = None) -> Result:
         **(components or {}),
     )
     pipe.set_progress_bar_config(disable=True)
+    apply_embeddings(pipe, job)
     prompt = job.recipe.expert_prompt(0)
 
     def batch(seeds: list[int], on_step):

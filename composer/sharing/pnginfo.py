@@ -3,7 +3,10 @@
 ``parameters`` follows what A1111 writes and what its "PNG Info", Civitai and other tools read
 (../shared/FIELD_NOTES.md, "Image metadata"): the prompt (with ``<lora:name:weight>`` tags, as
 A1111 writes LoRAs into the prompt), ``Negative prompt: …`` when not empty, and a last line of
-``Key: value`` pairs where a value holding ``,`` ``:`` or a newline is JSON-quoted.
+``Key: value`` pairs where a value holding ``,`` ``:`` or a newline is JSON-quoted, among them
+``Size``, ``Model hash`` (AutoV2), ``Lora hashes`` and ``TI hashes`` so that a model-sharing site
+links an uploaded image to the files it used. ``read_recipe`` reads our recipe back, or, from an
+image of another tool, a best-effort recipe from its ``parameters`` (``from_a1111``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from composer import prompts
 from composer.recipe import Recipe, RecipeError, a1111_sampler_name, parse
 
 RECIPE_CHUNK = "composer_recipe"
@@ -46,33 +50,42 @@ def a1111_parameters(
     lora_hashes: dict[str, str] | None = None,
     sampler: str | None = None,
     batch: tuple[int, int] | None = None,
+    ti_hashes: dict[str, str] | None = None,
+    size: tuple[int, int] | None = None,
 ) -> str:
     """The ``parameters`` text of image ``index`` of ``recipe`` (its seed is ``seed + index``).
 
     ``model_hashes`` maps a model reference to its sha256, ``lora_hashes`` a LoRA reference to the
-    sha256 of its safetensors body; A1111 shows the first 10 and 12 hex digits of them.
-    ``sampler`` names a method's own sampler (``Method.sampler``) where it does not use the
-    recipe's scheduler. ``batch`` is (first index, size) of the batch the image was made in;
-    a batch of more than one is written as A1111 writes it, ``Batch size`` and ``Batch pos``.
+    sha256 of its safetensors body, ``ti_hashes`` an embedding's token to its file's sha256; A1111
+    shows the first 10 (``Model hash``, "AutoV2") and 12 (``Lora hashes``, ``TI hashes``) hex
+    digits of them. ``size`` is the image's (width, height), written as ``Size`` (else the
+    recipe's, when it gives one). The prompt is the recipe's as written, its ``<lora:…>`` tags
+    included, plus a tag for every other LoRA of the experts. ``sampler`` names a method's own
+    sampler (``Method.sampler``) where it does not use the recipe's scheduler. ``batch`` is
+    (first index, size) of the batch the image was made in; a batch of more than one is written
+    as A1111 writes it, ``Batch size`` and ``Batch pos``.
     """
-    model_hashes, lora_hashes = model_hashes or {}, lora_hashes or {}
-    loras = {lo.path: lo.weight for e in recipe.experts for lo in e.loras}
-    tags = "".join(f" <lora:{lora_name(p)}:{w:g}>" for p, w in loras.items())
-    lines = [recipe.prompt + tags]
+    model_hashes, lora_hashes, ti_hashes = model_hashes or {}, lora_hashes or {}, ti_hashes or {}
+    loras: dict[str, float] = {}
+    for i in range(len(recipe.experts)):
+        for lo in recipe.expert_loras(i):
+            loras.setdefault(lo.path, lo.weight)
+    written = {t.name for t in prompts.tags(recipe.prompt, "prompt")}
+    names = {p: p if p in written else lora_name(p) for p in loras}
+    extra = "".join(" " + prompts.tag(names[p], w) for p, w in loras.items() if p not in written)
+    lines = [recipe.prompt + extra]
     if recipe.negative_prompt:
         lines.append(f"Negative prompt: {recipe.negative_prompt}")
     s = recipe.sampler
     pairs = [
         ("Steps", str(s.steps)),
-        (
-            "Sampler",
-            sampler or a1111_sampler_name(s.scheduler),
-        ),
+        ("Sampler", sampler or a1111_sampler_name(s.scheduler)),
         ("CFG scale", f"{s.guidance_scale:g}"),
         ("Seed", str(s.seed + index)),
     ]
-    if s.width and s.height:
-        pairs.append(("Size", f"{s.width}x{s.height}"))
+    width, height = size or (s.width, s.height)
+    if width and height:
+        pairs.append(("Size", f"{width}x{height}"))
     if batch is not None and batch[1] > 1:
         pairs += [("Batch size", str(batch[1])), ("Batch pos", str(index - batch[0]))]
     models = list(dict.fromkeys(e.model for e in recipe.experts))
@@ -80,15 +93,21 @@ def a1111_parameters(
     if len(models) == 1 and first_hash:
         pairs.append(("Model hash", first_hash[:10]))
     pairs.append(("Model", ", ".join(model_name(m) for m in models)))
-    if loras:
-        hashed = [f"{lora_name(p)}: {lora_hashes[p][:12]}" for p in loras if p in lora_hashes]
-        if hashed:
-            pairs.append(("Lora hashes", ", ".join(hashed)))
+    hashed = [f"{_alias(names[p])}: {lora_hashes[p][:12]}" for p in loras if p in lora_hashes]
+    if hashed:
+        pairs.append(("Lora hashes", ", ".join(hashed)))
+    if ti_hashes:
+        pairs.append(("TI hashes", ", ".join(f"{t}: {h[:12]}" for t, h in ti_hashes.items())))
     if recipe.method != "single":
         pairs.append(("Composition", recipe.method))
     pairs.append(("Version", VERSION))
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in pairs))
     return "\n".join(lines)
+
+
+def _alias(name: str) -> str:
+    """A LoRA's name in ``Lora hashes``, as A1111 writes it: without ``:`` and ``,``."""
+    return name.replace(":", "").replace(",", "")
 
 
 def image_recipe(recipe: Recipe, index: int, batch: tuple[int, int] | None = None) -> Recipe:
@@ -113,9 +132,13 @@ def png_info(
     lora_hashes: dict | None = None,
     sampler: str | None = None,
     batch: tuple[int, int] | None = None,
+    ti_hashes: dict | None = None,
+    size: tuple[int, int] | None = None,
 ) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
-    text = a1111_parameters(recipe, index, model_hashes, lora_hashes, sampler, batch)
+    text = a1111_parameters(
+        recipe, index, model_hashes, lora_hashes, sampler, batch, ti_hashes, size
+    )
     info.add_text(PARAMETERS_CHUNK, text)
     info.add_itxt(RECIPE_CHUNK, image_recipe(recipe, index, batch).to_json(indent=None))
     return info
@@ -128,19 +151,110 @@ def png_bytes(image: Image.Image, info: PngImagePlugin.PngInfo) -> bytes:
 
 
 def read_recipe(image: Image.Image | str | Path) -> Recipe:
-    """The recipe a PNG carries; ``RecipeError`` when it carries none or a broken one."""
+    """The recipe a PNG carries: our ``composer_recipe`` chunk, else a best-effort recipe from
+    the ``parameters`` text that A1111 (and tools that copy it) write (``from_a1111``);
+    ``RecipeError`` when it carries neither, or a broken one."""
     if not isinstance(image, Image.Image):
         try:
             with Image.open(image) as opened:
                 opened.load()
-                text = dict(opened.info).get(RECIPE_CHUNK)
+                chunks = dict(opened.info)
         except (OSError, ValueError) as e:
             raise RecipeError(f"image: {str(image)!r} is not a readable image ({e})") from None
     else:
-        text = image.info.get(RECIPE_CHUNK)
+        chunks = dict(image.info)
+    text = chunks.get(RECIPE_CHUNK)
+    if text is None and isinstance(chunks.get(PARAMETERS_CHUNK), str):
+        return parse(from_a1111(chunks[PARAMETERS_CHUNK]))
     if text is None:
         raise RecipeError(
-            f"image: it carries no {RECIPE_CHUNK!r} text chunk; only images made "
-            "by Diffusion Composer do"
+            f"image: it carries no {RECIPE_CHUNK!r} or {PARAMETERS_CHUNK!r} text chunk; only "
+            "images made by Diffusion Composer or AUTOMATIC1111-style tools do"
         )
     return parse(text)
+
+
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+"""One ``Key: value`` pair of the settings line: A1111's ``re_param_code``."""
+
+
+def a1111_fields(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, settings) of a ``parameters`` text, split as A1111's
+    ``parse_generation_parameters`` splits it: the last line is the settings when it holds at
+    least three pairs; lines before ``Negative prompt:`` are the prompt, the rest the negative;
+    each line stripped; a quoted value is JSON."""
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    settings = {}
+    for key, value in _PARAM.findall(last):
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            try:
+                value = json.loads(value)
+            except ValueError:
+                value = value[1:-1]
+        settings[key.strip()] = value
+    return "\n".join(prompt), "\n".join(negative), settings
+
+
+def from_a1111(text: str) -> dict:
+    """A best-effort recipe (its JSON form) from A1111's ``parameters``: the prompt with its
+    ``<lora:…>`` tags (which attach those LoRAs), the negative prompt, steps, sampler (with
+    A1111's ``Schedule type``), CFG scale, seed, size and the model by name. A setting the recipe
+    cannot hold (a sampler it lacks, a size that is not a multiple of 8) is left at its
+    default; the rest of A1111's settings (hires fix, clip skip, …) have no place in a recipe."""
+    from composer import registry
+    from composer.recipe import MAX_SEED, MAX_SIDE, MAX_STEPS, normalize_scheduler
+
+    prompt, negative, settings = a1111_fields(text)
+    sampler: dict = {}
+    name = settings.get("Sampler", "")
+    kind = settings.get("Schedule type", "")
+    scheduler = normalize_scheduler(f"{name} {kind}") if kind and kind != "Automatic" else None
+    if scheduler is None and name:
+        scheduler = normalize_scheduler(name)
+    if scheduler:
+        sampler["scheduler"] = scheduler
+    steps = _whole(settings.get("Steps"))
+    if steps is not None and 1 <= steps <= MAX_STEPS:
+        sampler["steps"] = steps
+    cfg = _real(settings.get("CFG scale"))
+    if cfg is not None and 0 <= cfg <= 50:
+        sampler["guidance_scale"] = cfg
+    seed = _whole(settings.get("Seed"))
+    if seed is not None and 0 <= seed <= MAX_SEED:
+        sampler["seed"] = seed
+    width, _, height = settings.get("Size", "").partition("x")
+    width, height = _whole(width), _whole(height)
+    if all(v is not None and 16 <= v <= MAX_SIDE and v % 8 == 0 for v in (width, height)):
+        sampler["width"], sampler["height"] = width, height
+    model = settings.get("Model", "").strip()
+    if "Composition" in settings:  # ours, naming every model of a composition: the first
+        model = model.split(", ")[0]
+    return {
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "method": "single",
+        "experts": [{"model": model or registry.DEFAULT_MODEL}],
+        "sampler": sampler,
+    }
+
+
+def _whole(text: str | None) -> int | None:
+    value = _real(text)
+    return int(value) if value is not None and value.is_integer() else None
+
+
+def _real(text: str | None) -> float | None:
+    try:
+        value = float((text or "").strip())
+    except ValueError:
+        return None
+    return value if value == value and abs(value) != float("inf") else None
