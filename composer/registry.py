@@ -33,12 +33,9 @@ from composer import hosted, speedups
 from composer.checkpoints.ldm_format import CONFIG_KEY
 from composer.device import pick_device
 from composer.recipe import RecipeError, looks_like_hub_id
+from composer.zoo import ASSETS as ASSETS  # the bundled zoo, for callers of registry.ASSETS
+from composer.zoo import bundled
 
-ASSETS = Path(
-    os.environ.get("COMPOSER_ASSETS") or Path(__file__).resolve().parent.parent / "assets"
-)
-"""The bundled zoo; ``COMPOSER_ASSETS`` points the app at another folder of the same layout
-(``models/``, ``loras/``, ``aggregators/``), e.g. a freshly trained zoo before it is bundled."""
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 DEFAULT_MODEL = "toy-warm"
@@ -47,16 +44,6 @@ MAX_ADAPTERS = 8
 
 def pickle_allowed() -> bool:
     return os.environ.get("COMPOSER_ALLOW_PICKLE", "") in ("1", "true", "yes")
-
-
-def bundled(kind: str) -> dict[str, Path]:
-    """Bundled names of ``kind`` ("models", "loras" or "aggregators") → their folders."""
-    folder = ASSETS / kind
-    if not folder.is_dir():
-        return {}
-    return {
-        p.name: p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")
-    }
 
 
 @dataclass(frozen=True)
@@ -140,22 +127,40 @@ def resolve_lora(reference: str, where: str = "lora") -> str:
 
 
 def resolve_aggregator(reference: str, where: str = "aggregator") -> str:
-    aggregators = bundled("aggregators")
-    if reference in aggregators:
-        return str(aggregators[reference])
+    return _resolve_trained("aggregators", "aggregator", reference, where)
+
+
+def resolve_router(reference: str, where: str = "router") -> str:
+    return _resolve_trained("routers", "router", reference, where)
+
+
+def _resolve_trained(folder: str, label: str, reference: str, where: str) -> str:
+    """A small trained model's folder (an AFA aggregator, a superposition router): a bundled
+    name under ``ASSETS / folder``, or a local folder outside hosted mode."""
+    names = bundled(folder)
+    if reference in names:
+        return str(names[reference])
     if hosted.active():
         raise RecipeError(
             f"{where}: {reference!r} is not available on this server; expected a bundled "
-            f"aggregator ({', '.join(aggregators) or 'none bundled'})"
+            f"{label} ({', '.join(names) or 'none bundled'})"
         )
     path = Path(reference).expanduser()
     if path.is_dir():
         return str(path.resolve())
     raise RecipeError(
-        f"{where}: unknown aggregator {reference!r}; expected a bundled aggregator ("
-        + (", ".join(aggregators) or "none bundled yet")
+        f"{where}: unknown {label} {reference!r}; expected a bundled {label} ("
+        + (", ".join(names) or "none bundled yet")
         + ") or a folder"
     )
+
+
+def load_router(path: str, device: torch.device):
+    """A superposition router folder (``config.json`` + safetensors weights), fp32 on
+    ``device``; cached like aggregators."""
+    from pipelines.superposition.router import Router
+
+    return _load_trained(Router, path, device, torch.float32, "superpose.router", "a router")
 
 
 def load_aggregator(path: str, device: torch.device, dtype: torch.dtype):
@@ -164,26 +169,29 @@ def load_aggregator(path: str, device: torch.device, dtype: torch.dtype):
     """
     from pipelines.aggregation import Aggregator
 
+    return _load_trained(Aggregator, path, device, dtype, "aggregate.aggregator", "an aggregator")
+
+
+def _load_trained(cls, path: str, device: torch.device, dtype: torch.dtype, where: str, what: str):
     weights = Path(path) / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
-        raise RecipeError(
-            f"aggregate.aggregator: {path!r} holds no diffusion_pytorch_model.safetensors"
-        )
-    key = (str(Path(path).resolve()), weights.stat().st_mtime_ns, str(device), str(dtype))
+        raise RecipeError(f"{where}: {path!r} holds no diffusion_pytorch_model.safetensors")
+    stamp = weights.stat().st_mtime_ns
+    key = (cls.__name__, str(Path(path).resolve()), stamp, str(device), str(dtype))
     with LOADING:
-        if key not in _AGGREGATORS:
+        if key not in _TRAINED:
             try:
-                aggregator = Aggregator.from_pretrained(path, use_safetensors=True)
-            except (OSError, ValueError, RuntimeError) as e:
-                raise RecipeError(
-                    f"aggregate.aggregator: {path!r} is not an aggregator: {_first_line(str(e))}"
-                ) from None
-            _AGGREGATORS.clear()
-            _AGGREGATORS[key] = aggregator.to(device=device, dtype=dtype).eval()
-        return _AGGREGATORS[key]
+                model = cls.from_pretrained(path, use_safetensors=True)
+            except (OSError, ValueError, RuntimeError, TypeError) as e:
+                reason = _first_line(str(e))
+                raise RecipeError(f"{where}: {path!r} is not {what}: {reason}") from None
+            for other in [k for k in _TRAINED if k[0] == cls.__name__]:
+                del _TRAINED[other]  # one of each kind stays loaded
+            _TRAINED[key] = model.to(device=device, dtype=dtype).eval()
+        return _TRAINED[key]
 
 
-_AGGREGATORS: dict[tuple, object] = {}
+_TRAINED: dict[tuple, object] = {}
 
 LOADING = threading.RLock()
 """Held while weights load (pipelines, LoRAs, aggregators). Loading patches global state:
@@ -195,9 +203,13 @@ requests may sample in parallel but load one at a time."""
 
 def check_reference(kind: str, reference: str, where: str) -> None:
     """The ``check`` that ``composer.recipe.parse`` calls for every reference in a recipe."""
-    {"model": resolve_model, "lora": resolve_lora, "aggregator": resolve_aggregator}[kind](
-        reference, where
-    )
+    {
+        "model": resolve_model,
+        "lora": resolve_lora,
+        "aggregator": resolve_aggregator,
+        "router": resolve_router,
+        "embedding": resolve_embedding,
+    }[kind](reference, where)
 
 
 def _looks_like_path(reference: str) -> bool:
@@ -494,3 +506,20 @@ class ModelCache:
 
 
 CACHE = ModelCache()
+
+
+def resolve_embedding(reference: str, where: str = "embedding") -> str:
+    """A textual-inversion embedding reference → its file (``composer.embeddings``): a
+    ``.safetensors`` file, or a pickle ``.pt``/``.bin`` where pickle files are allowed."""
+    if hosted.active() and not hosted.uploaded(reference):
+        raise RecipeError(
+            f"{where}: {reference!r} is not available on this server; upload the embedding file"
+        )
+    path = Path(reference).expanduser()
+    if not path.is_file():
+        raise RecipeError(
+            f"{where}: {reference!r} is not an embedding file; expected the path of a "
+            ".safetensors file"
+        )
+    _check_weights_file(path, where)
+    return str(path.resolve())

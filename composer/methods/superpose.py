@@ -14,10 +14,10 @@ from composer.recipe import MAX_EXPERTS, Fields, RecipeError
 if TYPE_CHECKING:
     from composer.methods.sampling import Job, Result
 
-MODES = ("or", "and", "average", "joint")
-"""SuperDiff OR and AND, and the paper's two baselines: fixed weights (softmax of the bias, equal
+MODES = ("or", "and", "average", "joint", "router")
+"""SuperDiff OR and AND, the paper's two baselines: fixed weights (softmax of the bias, equal
 without one) and one joint prompt (the experts' prompts joined with " and ", first expert's
-model)."""
+model), and a learned router's weights (Decentralized Diffusion Models)."""
 PAGE_EXPERTS = 4
 
 
@@ -27,18 +27,40 @@ class Superpose:
     temperature: float | None = None
     """T of the OR softmax; ``None``: the guidance scale (OR of the guided experts)."""
     bias: tuple[float, ...] | None = None
+    router: str | None = None
+    """``router`` mode: the trained router (bundled name or folder) over these experts."""
 
 
 def parse_section(obj: Fields, n_experts: int) -> Superpose:
-    return Superpose(
+    section = Superpose(
         mode=obj.choice("mode", MODES, default="or"),
         temperature=obj.number("temperature", default=None, low=1e-3, high=100.0, nullable=True),
         bias=obj.numbers("bias", default=None, low=-50.0, high=50.0, length=n_experts),
+        router=obj.reference("router", default=None, nullable=True),
     )
+    if (section.mode == "router") != (section.router is not None):
+        raise RecipeError(
+            f"{obj.where}.router: "
+            + (
+                "null is not accepted for mode 'router'; expected a router trained for these "
+                "experts (python -m composer router train), e.g. a bundled one"
+                if section.router is None
+                else f"{section.router!r} is read only by mode 'router', not {section.mode!r}"
+            )
+        )
+    return section
 
 
 def section_json(section: Superpose) -> dict:
-    return {**asdict(section), "bias": None if section.bias is None else list(section.bias)}
+    out = {**asdict(section), "bias": None if section.bias is None else list(section.bias)}
+    if section.router is None:
+        del out["router"]  # recipes from before routers are unchanged
+    return out
+
+
+def references(recipe) -> list[tuple[str, str, str]]:
+    router = METHOD.settings(recipe).router
+    return [] if router is None else [("router", router, "superpose.router")]
 
 
 def run(job: Job) -> Result:
@@ -47,6 +69,8 @@ def run(job: Job) -> Result:
     recipe's scheduler is not used: the density estimate needs the pipeline's own
     Euler–Maruyama steps (FIELD_NOTES)."""
 
+    from composer import registry
+    from composer.embeddings import apply as apply_embeddings
     from composer.methods.batches import each_batch
     from composer.methods.sampling import expert_adapters, pipe_arguments
     from composer.speedups import Speedups
@@ -65,6 +89,7 @@ def run(job: Job) -> Result:
             message = message.replace(f"pipes[{k}] ({loc}", f"{names[loc]!r} ({loc}")
         raise RecipeError(f"experts: {message}") from None
     pipe.set_progress_bar_config(disable=True)
+    apply_embeddings(pipe, job)
     settings = METHOD.settings(recipe)
     experts = [
         (order.index(src.location), recipe.expert_prompt(i), adapters[i])
@@ -72,6 +97,16 @@ def run(job: Job) -> Result:
     ]
 
     streams = Speedups.from_env().streams
+    router = None
+    if settings.router is not None:
+        router = registry.load_router(
+            registry.resolve_router(settings.router, "superpose.router"), pipe.device
+        )
+        if router.config.num_experts != len(experts):
+            raise RecipeError(
+                f"superpose.router: {settings.router!r} routes {router.config.num_experts} "
+                f"experts, the recipe has {len(experts)}"
+            )
 
     def batch(seeds: list[int], on_step):
         out = pipe(
@@ -80,6 +115,7 @@ def run(job: Job) -> Result:
             temperature=settings.temperature,
             bias=list(settings.bias) if settings.bias else None,
             cuda_streams=streams,
+            router=router,
             **pipe_arguments(job, pipes[0], seeds, on_step, device=pipe.device),
         )
         traces = [
@@ -106,6 +142,13 @@ def default_experts() -> list[str]:
     preferred = [m for m in ("toy-warm", "toy-cool") if m in models]
     picks = preferred + [m for m in models if m not in preferred] or [""]
     return [picks[k % len(picks)] for k in range(PAGE_EXPERTS)]
+
+
+def default_router() -> str:
+    """The bundled router, if there is one."""
+    from composer import registry
+
+    return next(iter(registry.bundled("routers")), "")
 
 
 def shares_of(bias) -> list[float]:
@@ -141,6 +184,8 @@ def read(values: Values) -> dict:
         "temperature": None if values["temperature_cfg"] else values["temperature"],
         "bias": bias_of([r["share"] for r in rows], values["exact_bias"]),
     }
+    if values["mode"] == "router":
+        section["router"] = values["router"] or None
     return {"experts": experts, "superpose": section}
 
 
@@ -167,6 +212,7 @@ def write(recipe) -> Values | None:
         "temperature": settings.temperature or 1.0,
         "temperature_cfg": not settings.temperature,
         "exact_bias": list(bias) if bias else None,
+        "router": settings.router or default_router(),
         "rows": rows,
     }
 
@@ -195,6 +241,7 @@ METHOD = Method(
     section=Superpose,
     parse_section=parse_section,
     section_json=section_json,
+    references=references,
     unet_calls=lambda recipe: len(recipe.experts),
     labels=labels,
     sampler="SuperDiff Euler-Maruyama",
@@ -214,7 +261,15 @@ METHOD = Method(
                     ("AND: both at once (equal densities)", "and"),
                     ("Average: fixed weights (baseline)", "average"),
                     ("Joint prompt (baseline)", "joint"),
+                    ("Router: a trained router's weights", "router"),
                 ),
+            ),
+            Control(
+                "router",
+                "text",
+                "Router (mode Router)",
+                default_router,
+                info="a bundled router or a folder (python -m composer router train)",
             ),
             Control(
                 "temperature_cfg",

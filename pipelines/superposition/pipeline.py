@@ -48,7 +48,7 @@ from pipelines.ensemble import EnsemblePipeline, StepEndCallback, is_sdxl_unet
 from pipelines.superposition.adapters import Adapters, activate, check_adapters
 from pipelines.superposition.sampler import sample_superposition
 
-PIPELINE_MODES = ("or", "and", "average", "joint")
+PIPELINE_MODES = ("or", "and", "average", "joint", "router")
 
 Expert = (
     tuple[int | UNet2DConditionModel, str]
@@ -370,6 +370,17 @@ class SuperpositionPipeline(EnsemblePipeline):
 
         return denoise
 
+    @staticmethod
+    def _router_weights(router, timestep_of: dict[float, torch.Tensor]):
+        """κ(x, σ) from ``router``, which reads the VP latent x/√(σ²+1) and the timestep."""
+
+        def weights(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            s = float(sigma)
+            x_vp = (x / math.sqrt(s * s + 1.0)).to(router.device, router.dtype)
+            return router.weights(x_vp, timestep_of[s].reshape(1).to(router.device))
+
+        return weights
+
     @torch.no_grad()
     def __call__(
         self,
@@ -391,6 +402,7 @@ class SuperpositionPipeline(EnsemblePipeline):
         latents: torch.Tensor | None = None,
         return_dict: bool = True,
         cuda_streams: bool = False,
+        router: torch.nn.Module | None = None,
     ) -> SuperpositionPipelineOutput | tuple:
         r"""Generate ``num_images_per_prompt`` images from a superposition of the experts.
 
@@ -429,6 +441,9 @@ class SuperpositionPipeline(EnsemblePipeline):
                 estimate), ``kappa`` (N, B) and ``log_density`` (N, B). A returned ``latents``
                 replaces x. Setting ``pipe._interrupt = True`` stops after that step; the latents
                 reached so far are decoded (still noisy, as in diffusers).
+            router: for ``mode="router"``, a ``pipelines.superposition.router.Router`` over
+                the experts in their order: κ = r(x_t, t), its posterior over the experts'
+                training partitions, at every step (Decentralized Diffusion Models).
             cuda_streams: on a CUDA device, run experts whose U-Nets differ on separate CUDA
                 streams, so that their calls can overlap (``bench.gpu_switches`` measures it).
 
@@ -448,6 +463,10 @@ class SuperpositionPipeline(EnsemblePipeline):
         width = width or self.default_size()
         self.check_inputs(height, width, callback_on_step_end_tensor_inputs)
         resolved = self._resolve_experts(prompt, experts)
+        if mode == "router" and (router is None or router.config.num_experts != len(resolved)):
+            raise ValueError(
+                f"mode 'router' needs a router over the {len(resolved)} experts, in their order"
+            )
         if mode == "joint":
             joined = " and ".join(text for _, text, _ in resolved)
             resolved = [(resolved[0][0], joined, resolved[0][2])]
@@ -518,6 +537,7 @@ class SuperpositionPipeline(EnsemblePipeline):
                     bias=bias,
                     generator=generator,
                     callback=on_step,
+                    router=None if router is None else self._router_weights(router, timestep_of),
                 )
 
         images = self.decode_latents(x, output_type)

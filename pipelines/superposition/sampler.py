@@ -79,7 +79,7 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torc
 """``denoise(x, sigma) -> (eps_uncond, eps)``: ``eps`` (N, B, *dims) are the experts' unguided
 conditional noise predictions; ``eps_uncond`` is None, (B, *dims) or (N, B, *dims)."""
 
-MODES = ("or", "and", "average")
+MODES = ("or", "and", "average", "router")
 
 
 def _flat(t: torch.Tensor, lead: int) -> torch.Tensor:
@@ -291,6 +291,7 @@ def sample_superposition(
     bias: torch.Tensor | Sequence[float] | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     callback: Callable[[dict], None] | None = None,
+    router: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Sample a superposition of N experts (SuperDiff sampling loop, VE form).
 
@@ -303,7 +304,9 @@ def sample_superposition(
       w ∝ exp(bias) (T = 1);
     - ``"and"``: κ from ``and_weights`` — keeps log q₁ = … = log q_N along the path, landing on
       the set where all experts' densities are equal;
-    - ``"average"``: fixed κ = 1/N (or softmax(bias)) — the paper's averaging baseline.
+    - ``"average"``: fixed κ = 1/N (or softmax(bias)) — the paper's averaging baseline;
+    - ``"router"``: κ = ``router(x, sigma)`` (N, B), a learned posterior over the experts'
+      data partitions (``pipelines.superposition.router``, Decentralized Diffusion Models).
 
     Each step draws z = randn_tensor(x.shape, generator=generator) (x's dtype/device) unless it
     is the last step into σ = 0, which is the noise-free Tweedie step. ``generator`` may be a
@@ -319,6 +322,8 @@ def sample_superposition(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if mode == "router" and router is None:
+        raise ValueError("mode 'router' needs a router")
     if sigmas.dim() != 1 or sigmas.numel() < 2:
         raise ValueError("sigmas must be a 1-D tensor with at least two entries")
     sig = [float(s) for s in sigmas]
@@ -341,6 +346,8 @@ def sample_superposition(
             kappa = or_weights(log_density, temperature, bias)
         elif mode == "and":
             kappa = and_weights(eps, eps_guided, noise, sigma, sigma_next)
+        elif mode == "router":
+            kappa = router(x, sigmas[i]).to(device=x.device, dtype=torch.float64)
         else:
             kappa = average_weights(eps.shape[0], eps.shape[1], bias, device=x.device)
         eps_drift = _combine(kappa, eps_guided)
