@@ -1,5 +1,5 @@
-"""The command line: ``python -m composer generate | merge | lora | aggregate | info | models``
-(../shared/RECIPE.md).
+"""The command line: ``python -m composer generate | grid | merge | lora | aggregate | info |
+models`` (../shared/RECIPE.md).
 
 Every user mistake ends as one line on stderr and exit status 2, never a traceback.
 """
@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from composer.recipe import RecipeError
+
+LIGHT_COMMANDS = ("info", "models")
+"""Commands that answer without torch, diffusers or transformers (under 2 s:
+``bench/cli_startup.py``); every import of those is inside the commands that use them."""
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -92,6 +96,22 @@ def _index(node: list, key: str, path: str) -> int:
     if not key.isdigit() or int(key) >= len(node):
         raise RecipeError(f"--set {path}: {key!r} is not an index of a list of {len(node)}")
     return int(key)
+
+
+def _grid(args: argparse.Namespace) -> int:
+    from composer import grid
+    from composer.untrusted import load_json
+
+    text = sys.stdin.read() if args.recipe == "-" else _read(args.recipe)
+    data = load_json(text, "recipe", source=args.recipe)
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe: {args.recipe} must hold a JSON object")
+    data = apply_overrides(data, args.set)
+    y = grid.parse_axis(args.y) if args.y else None
+    made = grid.run(data, grid.parse_axis(args.x), y)
+    for line in grid.write(made, Path(args.out)):
+        print(json.dumps(line), flush=True)
+    return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -209,7 +229,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from composer import registry
+    from composer import zoo as registry  # the folders only: no torch for a listing
 
     listing = {kind: sorted(registry.bundled(kind)) for kind in ("models", "loras", "aggregators")}
     if args.json:
@@ -243,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         from composer.training import cli as aggregate
 
         return aggregate.main(argv[1:])
+    if argv[:1] == ["router"]:  # python -m composer router train --help
+        from composer.training import router
+
+        return router.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m composer", description="Combine diffusion models from a recipe."
     )
@@ -263,6 +287,17 @@ def main(argv: list[str] | None = None) -> int:
         help="override a field, e.g. --set sampler.seed=3 (repeatable)",
     )
     gen.set_defaults(run=_generate)
+    grid = sub.add_parser(
+        "grid", help="one labelled picture of a recipe over one or two fields' values (X/Y plot)"
+    )
+    grid.add_argument("recipe", help="recipe JSON file, or - for stdin")
+    grid.add_argument(
+        "--x", required=True, metavar="KEY=V1,V2,...", help="e.g. merge.density=0.2,0.5"
+    )
+    grid.add_argument("--y", metavar="KEY=V1,V2,...", help="e.g. sampler.seed=1,2,3")
+    grid.add_argument("--out", default="grid", help="folder for grid.png and cell-R-C.png")
+    grid.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    grid.set_defaults(run=_grid)
     merge = sub.add_parser(
         "merge", help="export a merge recipe to one .safetensors checkpoint, tensor by tensor"
     )
@@ -300,9 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("--json", action="store_true")
     models.set_defaults(run=_models)
     args = parser.parse_args(argv)
-    from composer.registry import quiet_libraries
+    if args.command not in LIGHT_COMMANDS:
+        from composer.registry import quiet_libraries
 
-    quiet_libraries()
+        quiet_libraries()
     if args.allow_pickle:
         os.environ["COMPOSER_ALLOW_PICKLE"] = "1"
     try:

@@ -1,5 +1,6 @@
 import json
 import math
+import threading
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -14,7 +15,7 @@ from composer.recipe import RecipeError, parse
 from composer.sharing.links import decode_recipe
 from composer.sharing.pnginfo import read_recipe
 from composer.sharing.store import Store
-from ui import form, handlers, views
+from ui import form, handlers, maps, views
 from ui.handlers import OUTPUT_DIR
 from ui.page import build
 
@@ -207,12 +208,13 @@ def test_aggregate_generation_shows_the_maps_beside_the_image(tiny_sd1, tiny_sd1
     gallery, status, kappas = result["gallery"], result["status"], result["kappas"]
     assert len(gallery) == 2 and "2 image(s)" in status
     assert result["plot"]["visible"] is False
-    view = views.maps_picture(kappas, 1)
-    assert view["visible"] is True and "mid block" in view["label"] and "50%" in view["label"]
+    view, caption = views.maps_picture(kappas, 1)
+    assert view["visible"] is True and caption["visible"] is True
+    assert "mid" in caption["value"] and "50% at mid" in caption["value"]
     picture = view["value"]
-    image_side = 256  # 16-pixel images are shown 16× larger
-    assert picture.size == (5 * image_side + 4 * 2, image_side)
-    assert views.maps_picture(None)["visible"] is False
+    image_side, title = 256, maps.TITLE_HEIGHT  # 16-pixel images are shown 16× larger
+    assert picture.size == (5 * image_side + 4 * 2, image_side + title)
+    assert all(part["visible"] is False for part in views.maps_picture(None))
 
 
 def test_superpose_endpoint_returns_kappa_per_step_for_the_plot(served, tiny_sd1):
@@ -398,3 +400,101 @@ def test_the_shared_panel_lists_listed_generations_newest_first_and_opens_them(
     page = handlers.open_entry(ids[1])
     assert parse(form.to_recipe(page)).prompt == "a red circle"
     assert first in page["status"]
+
+
+def test_stop_ends_a_run_inside_a_unet_pass_and_says_how_far_it_got(tiny_sd1):
+    """The cancel flag is checked before every block of the U-Net, not only between steps: a
+    flag set during step 3's pass ends the run before step 3 finishes, and the hooks are gone
+    afterwards."""
+    from composer import engine
+    from composer.registry import CACHE, resolve_model
+
+    recipe = parse(recipe_json(tiny_sd1, steps=10, num_images=1))
+    cancel, passes, finished = threading.Event(), [], []
+    with CACHE.lease(resolve_model(tiny_sd1)) as lease:
+        unet = lease.pipe.unet
+        before = sum(len(m._forward_pre_hooks) for m in unet.modules())
+
+    def count(*_):
+        passes.append(1)
+        if len(passes) == 3:
+            cancel.set()
+
+    hook = unet.conv_in.register_forward_hook(count)
+    try:
+        with pytest.raises(engine.Cancelled):
+            engine.generate(
+                recipe, cancel=cancel, progress=lambda done, total: finished.append(done)
+            )
+    finally:
+        hook.remove()
+    assert finished == [1, 2] and len(passes) == 3
+    assert sum(len(m._forward_pre_hooks) for m in unet.modules()) == before
+
+
+def test_a_stopped_run_says_stopped_after_k_of_n_steps(tiny_sd1, monkeypatch):
+    from composer import engine
+
+    def stop_at_once(recipe, cancel=None, progress=None):
+        progress(7, 30)
+        raise engine.Cancelled([])
+
+    monkeypatch.setattr(engine, "generate", stop_at_once)
+    result = handlers.run_recipe(recipe_json(tiny_sd1, steps=10, num_images=3))
+    assert result["status"] == "Stopped after 7 of 30 steps." and result["gallery"] == []
+
+
+def test_sizes_far_above_the_models_own_ask_first_and_are_refused_past_the_limit():
+    toy = {"prompt": "a red circle", "experts": [{"model": "toy-warm"}]}
+    assert (
+        handlers.size_refusal(parse({**toy, "sampler": {"width": 128, "height": 128}}), False) == ""
+    )
+    asks = handlers.size_refusal(parse({**toy, "sampler": {"width": 256, "height": 256}}), False)
+    assert "64× the pixels of toy-warm's own 32×32" in asks and "Allow large sizes" in asks
+    assert (
+        handlers.size_refusal(parse({**toy, "sampler": {"width": 256, "height": 256}}), True) == ""
+    )
+    huge = handlers.size_refusal(parse({**toy, "sampler": {"width": 2048, "height": 2048}}), True)
+    assert "4,096×" in huge and "at most 1,024×" in huge
+    with pytest.raises(gr.Error, match="Allow large sizes"):
+        handlers.run_recipe(json.dumps({**toy, "sampler": {"width": 512, "height": 512}}))
+
+
+def test_a_page_error_goes_to_the_status_line_and_changes_no_control():
+    page = build()
+    call, _inputs, outputs = page.wire(handlers.restore_from_recipe, page.restored(),
+                                       extra=["recipe_box"])  # fmt: skip
+    updates = call(None, None, '{"prompt": "x", "experts": [{"modle": "toy-warm"}]}')
+    shown = {name: updates[page.components[name]] for name in page.components
+             if page.components[name] in updates}  # fmt: skip
+    assert list(shown) == ["status"]
+    assert 'unknown field "modle"; did you mean "model"?' in shown["status"]
+    assert page.components["status"] in outputs
+
+
+def test_set_controls_checks_models_like_a_run():
+    with pytest.raises(gr.Error, match="nothing-here"):
+        handlers.restore_from_recipe(
+            json.dumps({"prompt": "x", "experts": [{"model": "nothing-here"}]})
+        )
+
+
+def test_an_exported_file_is_named_after_its_recipe():
+    from ui.examples import EXAMPLES
+
+    (_, merge), *_ = EXAMPLES["merge"]
+    assert handlers.export_name(parse(merge)) == "merge-ties-toy-warm-toy-cool.safetensors"
+
+
+def test_every_example_is_a_configuration_the_controls_show_and_the_parser_accepts():
+    from composer import registry
+    from ui.examples import EXAMPLES
+
+    assert set(EXAMPLES) == set(form.forms())
+    for examples in EXAMPLES.values():
+        for _label, recipe in examples:
+            parsed = parse(json.dumps(recipe), check=registry.check_reference)
+            assert form.fits(parsed)
+            assert parse(
+                json.dumps(form.to_recipe({**form.defaults(), **form.from_recipe(parsed)}))
+            )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import uuid
@@ -32,6 +33,14 @@ log = logging.getLogger("composer.app")
 OUTPUT_DIR = Path(tempfile.gettempdir()) / "composer-outputs"
 RESULTS = ("gallery", "recipe_box", "status", "kappas", "plot", "last")
 """What a generation updates, in the order of the ``generate`` API endpoint's outputs."""
+ASK_FACTOR = 16
+"""Sizes above this many times a model's own pixels ask for confirmation on the page (the
+"Allow large sizes" box): a toy model drawn at 2048² (4,096× its 32²) takes minutes per step on
+a CPU, and nothing in the picture gets better."""
+MAX_FACTOR = 1024
+"""Sizes above this many times a model's own pixels are refused on the page, ticked or not: a
+single attention call at that size runs for minutes where Stop cannot reach it (the CLI and
+Python API do not refuse them)."""
 
 
 def rows_shown(method: str, shown: int) -> dict:
@@ -40,24 +49,33 @@ def rows_shown(method: str, shown: int) -> dict:
     return {f"{method}.row{k}": gr.update(visible=k < shown) for k in range(rows)}
 
 
-def run_recipe(recipe_json: str, progress=None, request: gr.Request | None = None) -> dict:
+def run_recipe(
+    recipe_json: str, allow_large: bool = False, progress=None, request: gr.Request | None = None
+) -> dict:
     """Generate from recipe JSON: the gallery, the recipe as run, a status line, the per-image
     traces for the κ plot or the maps (page state), the κ plot of the first image and what
-    Share stores (session state)."""
+    Share stores (session state). A mistake is a ``gr.Error`` (the page shows it in the status
+    line, ``ui.page``). A size above ``ASK_FACTOR`` × the model's pixels runs only with
+    ``allow_large``, and never above ``MAX_FACTOR``."""
     try:
         recipe = parse(recipe_json, check=registry.check_reference)
     except RecipeError as e:
         raise gr.Error(str(e), print_exception=False) from None
+    too_large = size_refusal(recipe, allow_large)
+    if too_large:
+        raise gr.Error(too_large, print_exception=False)
     key = request.session_hash if request is not None else uuid.uuid4().hex
-    run.CANCEL[key] = threading.Event()
+    if key not in run.CANCEL:  # ``arm`` made one when the button was clicked
+        run.CANCEL[key] = threading.Event()
     try:
+        if run.CANCEL[key].is_set():  # Stop pressed while the request waited in the queue
+            raise engine.Cancelled([])
         result = run.sample(recipe, progress or (lambda *a, **k: None), key)
     except engine.Cancelled as e:
-        gr.Info(f"Stopped; {len(e.images)} image(s) were finished.")
-        return dict(zip(RESULTS, ([], recipe.to_json(), "Stopped.", None,
-                                  gr.update(visible=False), None), strict=True))  # fmt: skip
+        return stopped(recipe, run.STEPS.get(key, (0, 0))[0], len(e.images))
     finally:
         run.CANCEL.pop(key, None)
+        run.STEPS.pop(key, None)
     paths = write_pngs(
         [png_bytes(image, info) for image, info in zip(result.images, result.metadata, strict=True)]
     )
@@ -73,6 +91,8 @@ def run_recipe(recipe_json: str, progress=None, request: gr.Request | None = Non
         f"{count} image(s){batching}, {sum(result.seconds):.2f} s on {result.device} "
         f"({sum(result.seconds) / max(len(result.images), 1):.2f} s per image)"
     )
+    if not recipe.prompt.strip() and all(not e.prompt for e in recipe.experts):
+        status += "; the prompt was empty, so these are the models' unconditional drawings"
     recipe = result.recipe  # with the batch size it used, so that Re-run makes the same batches
     kappas = views.traces(recipe, result, paths)
     return {
@@ -85,8 +105,75 @@ def run_recipe(recipe_json: str, progress=None, request: gr.Request | None = Non
     }
 
 
-def run_controls(values: dict, progress=None, request: gr.Request | None = None) -> dict:
-    return run_recipe(json.dumps(form.to_recipe(values)), progress, request)
+def stopped(recipe: Recipe, done: int, finished: int) -> dict:
+    """What Stop leaves on the page: how far the run got, and nothing half made."""
+    s = recipe.sampler
+    status = f"Stopped after {done} of {s.steps * s.num_images} steps"
+    if finished:
+        status += f" ({finished} of {s.num_images} image(s) were finished, not kept)"
+    status += "."
+    gr.Info(status)
+    return {
+        "gallery": [],
+        "recipe_box": recipe.to_json(),
+        "status": status,
+        "kappas": None,
+        "plot": gr.update(visible=False),
+        "last": None,
+    }
+
+
+def native_side(reference: str) -> tuple[int, int] | None:
+    """A diffusers folder's native width and height from its configs (U-Net sample size × the
+    VAE's downsampling), without loading it; ``None`` where the configs are not at hand (a
+    single file, a Hub id not yet downloaded)."""
+    try:
+        folder = Path(registry.resolve_model(reference).location)
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+    except (RecipeError, OSError, ValueError):
+        return None
+    sample = unet.get("sample_size")
+    side = sample if isinstance(sample, int) else (sample or [0])[0]
+    return (side * 2 ** (len(vae.get("block_out_channels", [0])) - 1),) * 2
+
+
+def size_refusal(recipe: Recipe, allow_large: bool) -> str:
+    """Why the page will not run ``recipe`` at its size ("" when it will): its pixels against
+    the largest native size among its experts, with the factor."""
+    s = recipe.sampler
+    if not (s.width or s.height):
+        return ""
+    known = {e.model: native_side(e.model) for e in recipe.experts}
+    known = {model: side for model, side in known.items() if side is not None}
+    if not known:
+        return ""
+    model = max(known, key=lambda m: known[m][0] * known[m][1])
+    nw, nh = known[model]
+    width, height = s.width or nw, s.height or nh
+    factor = width * height / (nw * nh)
+    if factor <= ASK_FACTOR:
+        return ""
+    said = f"{width}×{height} is {factor:,.0f}× the pixels of {model}'s own {nw}×{nh}"
+    if factor > MAX_FACTOR:
+        return f"{said}; the page runs at most {MAX_FACTOR:,}× (use the command line for more)."
+    if allow_large:
+        return ""
+    return (
+        f"{said}; each step costs about that many times more. Tick “Allow large sizes” to run "
+        f"it anyway (up to {MAX_FACTOR:,}×)."
+    )
+
+
+def run_controls(values: dict, allow_large: bool = False, progress=None,
+                 request: gr.Request | None = None) -> dict:  # fmt: skip
+    return run_recipe(json.dumps(form.to_recipe(values)), allow_large, progress, request)
+
+
+def arm(session_hash: str) -> None:
+    """A fresh Stop event for the session's next run, made when its button is clicked (before
+    the run waits in the queue), so that Stop also stops a run that has not started yet."""
+    run.CANCEL[session_hash] = threading.Event()
 
 
 def stop(session_hash: str) -> None:
@@ -161,12 +248,13 @@ def restore(recipe: Recipe) -> dict:
     a tab) goes to the Recipe panel only, from where it can be run as it is."""
     values = form.from_recipe(recipe)
     if values is None:
-        gr.Info(
+        status = (
             f"This recipe (method {recipe.method!r}, {len(recipe.experts)} expert(s)) is more "
             "than the controls show: it is in the Recipe panel, from where “Generate from this "
             "recipe” runs it."
         )
-        return {"recipe_box": recipe.to_json()}
+        gr.Info(status)
+        return {"recipe_box": recipe.to_json(), "status": status}
     shown = values.get(f"{recipe.method}.shown", form.forms()[recipe.method].rows)
     return {
         **values,
@@ -177,23 +265,28 @@ def restore(recipe: Recipe) -> dict:
 
 
 def restore_from_recipe(recipe_json: str) -> dict:
+    """ "Set controls from this recipe": checked as a run would check it (models, LoRAs and
+    aggregators must exist), so that what the controls show can be generated."""
     try:
-        recipe = parse(recipe_json)
+        recipe = parse(recipe_json, check=registry.check_reference)
     except RecipeError as e:
         raise gr.Error(str(e), print_exception=False) from None
-    return restore(recipe)
+    return {"status": "Controls set from the Recipe panel.", **restore(recipe)}
 
 
 def restore_from_png(image) -> dict:
+    """A dropped PNG: its recipe in the controls; one that carries none (or a broken one)
+    changes nothing and says why."""
     if image is None:
         return {}
     try:
         recipe = read_recipe(image)
     except RecipeError as e:
         raise gr.Error(str(e), print_exception=False) from None
+    status = "Controls restored from the image's recipe."
     if form.fits(recipe):
-        gr.Info("Controls restored from the image's recipe.")
-    return restore(recipe)
+        gr.Info(status)
+    return {"status": status, **restore(recipe)}
 
 
 def open_link(query: dict) -> dict:
@@ -272,7 +365,7 @@ def export(values: dict, progress=None) -> str:
         folder.mkdir(parents=True, exist_ok=True)
         if progress is not None:
             progress(0, desc="Merging and writing")
-        done = engine.export(recipe, folder / "merged.safetensors", "fp16")
+        done = engine.export(recipe, folder / export_name(recipe), "fp16")
     except RecipeError as e:
         raise gr.Error(str(e), print_exception=False) from None
     except Exception as e:
@@ -280,6 +373,47 @@ def export(values: dict, progress=None) -> str:
         raise gr.Error(f"Export failed: {e.__class__.__name__}: {e}") from None
     gr.Info(f"Merged in {done['seconds']:.1f} s ({done['bytes'] / 2**20:.1f} MiB, fp16).")
     return done["path"]
+
+
+MAX_GRID_CELLS = 16
+
+
+def make_grid(values: dict, x_spec: str, y_spec: str = "") -> dict:
+    """The Comparison grid panel: the controls' recipe over ``x_spec`` (and ``y_spec``), e.g.
+    ``merge.density=0.2,0.5,0.8`` (``composer.grid``); the labelled picture and every cell's
+    PNG, each with its own recipe."""
+    from composer import grid
+
+    try:
+        x = grid.parse_axis(x_spec.strip())
+        y = grid.parse_axis(y_spec.strip()) if y_spec and y_spec.strip() else None
+        cells = len(x.values) * (len(y.values) if y is not None else 1)
+        if cells > MAX_GRID_CELLS:
+            raise RecipeError(f"grid: {cells} cells; the page makes at most {MAX_GRID_CELLS}")
+        made = grid.run(form.to_recipe(values), x, y)
+    except RecipeError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    folder = OUTPUT_DIR / uuid.uuid4().hex
+    lines = grid.write(made, folder)
+    seconds = sum(sum(r.seconds) for line in made.cells for r in line)
+    width, height = made.picture.size
+    return {
+        "grid_picture": lines[-1]["path"],
+        "grid_files": [line["path"] for line in lines[:-1]],
+        "status": f"Grid of {cells} cells ({width}×{height} px) in {seconds:.1f} s of sampling.",
+    }
+
+
+def export_name(recipe: Recipe) -> str:
+    """An exported file's name from its recipe: ``merge-ties-toy-warm-toy-cool.safetensors``."""
+    from composer.methods import METHODS
+
+    settings = METHODS[recipe.method].settings(recipe)
+    how = getattr(settings, "method", None)
+    words = [recipe.method, *([how] if isinstance(how, str) else [])]
+    words += [Path(e.model.rstrip("/")).name.removesuffix(".safetensors") for e in recipe.experts]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(words)).strip("-.")
+    return f"{name[:120] or 'merged'}.safetensors"
 
 
 def current_recipe(values: dict) -> str:

@@ -7,12 +7,14 @@ name; ``Page.wire`` turns names into components, so nothing here depends on the 
 
 from __future__ import annotations
 
+import json
 import random
 
 import gradio as gr
 
-from composer.recipe import MAX_SEED
+from composer.recipe import MAX_SEED, parse
 from ui import form, handlers, views
+from ui.examples import EXAMPLES
 from ui.form import COMMON
 from ui.tabs import component, method_tab
 
@@ -20,6 +22,15 @@ TITLE = (
     "# Diffusion Composer\nCombine Stable Diffusion checkpoints and LoRAs in one generation. "
     "Every image carries its recipe: drop it back here to restore it."
 )
+CSS = """
+#results img, #maps img, #shared img { image-rendering: pixelated; }
+#results .thumbnail-item { min-width: 128px; min-height: 128px; }
+#kappa-plot { overflow: visible; }
+#kappa-plot .vega-embed { width: 100%; }
+#status { min-height: 1.5em; }
+"""
+"""The page's own styles, for ``launch(css=...)``: tiny results (32 px) drawn with square pixels
+instead of blurred when the browser enlarges them."""
 
 
 class Page:
@@ -34,14 +45,19 @@ class Page:
     def controls(self) -> list:
         return [self.components[name] for name in form.names()]
 
-    def wire(self, handler, outputs: list[str], values: bool = False, extra=()):
+    def wire(self, handler, outputs: list[str], values: bool = False, extra=(), api=False):
         """``handler``'s name-keyed result as component updates. With ``values`` it receives the
         controls' values by name first (the event's inputs: ``self.controls``), then ``extra``
-        inputs' values."""
+        inputs' values. A ``gr.Error`` it raises goes to the status line and a toast, and
+        nothing else changes (Gradio would paint every output, inputs among them, with an
+        "Error" badge); with ``api`` it stays an error, for API clients."""
         out = self.components
         names = form.names()
+        if not api and "status" not in outputs:
+            outputs = [*outputs, "status"]
 
-        def call(*args, progress=gr.Progress(), request: gr.Request = None):
+        # Gradio injects the request and the progress tracker only into positional parameters
+        def call(request: gr.Request, progress=gr.Progress(), *args):
             if values:
                 args = (dict(zip(names, args[: len(names)], strict=True)), *args[len(names) :])
             kwargs = {}
@@ -50,7 +66,13 @@ class Page:
                 kwargs["progress"] = progress
             if "request" in code:
                 kwargs["request"] = request
-            return self.out(handler(*args, **kwargs), outputs)
+            if api:
+                return self.out(handler(*args, **kwargs), outputs)
+            try:
+                return self.out(handler(*args, **kwargs), outputs)
+            except gr.Error as e:
+                gr.Warning(e.message, duration=15)
+                return self.out({"status": f"⚠️ {e.message}"}, outputs)
 
         inputs = [*(self.controls if values else []), *(out[name] for name in extra)]
         return call, inputs, [out[name] for name in outputs]
@@ -68,7 +90,8 @@ class Page:
                 with gr.Column(scale=5):
                     with gr.Tabs(selected="single") as c["tabs"]:
                         for method, method_form in form.forms().items():
-                            tabs[method] = method_tab(method, method_form, start)
+                            labels = [label for label, _ in EXAMPLES.get(method, [])]
+                            tabs[method] = method_tab(method, method_form, start, labels)
                             c.update(tabs[method].controls)
                             for k, row in enumerate(tabs[method].rows):
                                 c[f"{method}.row{k}"] = row
@@ -95,9 +118,17 @@ class Page:
         with gr.Row():
             for name in ("width", "height"):
                 c[name] = component(by_name[name], start[name])
+            c["allow_large"] = gr.Checkbox(
+                False,
+                label="Allow large sizes",
+                info=f"above {handlers.ASK_FACTOR}× the model's own pixels",
+                scale=0,
+                min_width=160,
+            )
         with gr.Row():
-            c["go"] = gr.Button("Generate", variant="primary")
-            c["halt"] = gr.Button("Stop", variant="stop")
+            c["go"] = gr.Button("Generate", variant="primary", elem_id="generate")
+            c["halt"] = gr.Button("Stop", variant="stop", elem_id="stop")
+            c["api_generate"] = gr.Button(visible=False)
 
     def _results(self) -> None:
         c = self.components
@@ -109,7 +140,7 @@ class Page:
             object_fit="contain",
             elem_id="results",
         )
-        c["status"] = gr.Markdown("")
+        c["status"] = gr.Markdown("", elem_id="status")
         with gr.Row():
             c["share"] = gr.Button("Share", size="sm")
             c["listed"] = gr.Checkbox(False, label="Also list it under Shared", scale=0)
@@ -133,13 +164,20 @@ class Page:
             color="expert",
             y_lim=[0, 1],
             y_title="κ (expert weight)",
+            color_title="expert",
             label="κ per step",
             visible=False,
-            height=300,
+            elem_id="kappa-plot",
         )
         c["maps"] = gr.Image(
-            label="Aggregation maps", visible=False, format="png", interactive=False
+            label="Aggregation maps",
+            visible=False,
+            format="png",
+            interactive=False,
+            elem_id="maps",
+            buttons=["download"],
         )
+        c["maps_caption"] = gr.Markdown("", visible=False, elem_id="maps-caption")
         c["dropped"] = gr.Image(
             type="pil",
             label="Drop a PNG made here to restore its recipe",
@@ -153,14 +191,34 @@ class Page:
                 c["show"] = gr.Button("Show recipe of the controls")
                 c["apply"] = gr.Button("Set controls from this recipe")
                 c["run_json"] = gr.Button("Generate from this recipe")
+        with gr.Accordion("Comparison grid", open=False):
+            gr.Markdown(
+                "The controls' recipe over one or two fields' values: one labelled picture, "
+                "and each cell's PNG with its own recipe."
+            )
+            with gr.Row():
+                c["grid_x"] = gr.Textbox(
+                    label="X: field=values", placeholder="merge.density=0.2,0.5,0.8",
+                    elem_id="grid-x",
+                )  # fmt: skip
+                c["grid_y"] = gr.Textbox(
+                    label="Y: field=values (optional)", placeholder="sampler.seed=1,2,3",
+                    elem_id="grid-y",
+                )  # fmt: skip
+            c["grid_go"] = gr.Button("Make grid", size="sm", elem_id="grid-go")
+            c["grid_picture"] = gr.Image(
+                label="Grid", format="png", interactive=False, elem_id="grid-picture"
+            )
+            c["grid_files"] = gr.File(label="Cells (PNG with recipe)", file_count="multiple")
         with gr.Accordion("Shared", open=False) as c["shared_box"]:
             c["shared_gallery"] = gr.Gallery(
                 label="Latest generations shared with “list it”; click one to open it",
                 format="png",
-                columns=6,
-                height="auto",
+                columns=8,
+                height=160,
                 object_fit="contain",
                 allow_preview=False,
+                elem_id="shared",
             )
             c["shared_ids"] = gr.State([])
 
@@ -178,20 +236,39 @@ class Page:
     def _events(self, tabs: dict, demo: gr.Blocks) -> None:
         c, wire = self.components, self.wire
         results = list(handlers.RESULTS)
-        job = c["go"].click(*wire(handlers.run_controls, results, values=True),
-                            api_visibility="undocumented")  # fmt: skip
-        job_json = c["run_json"].click(
-            *wire(handlers.run_recipe, results, extra=["recipe_box"]), api_name="generate"
+
+        def arm(request: gr.Request):
+            handlers.arm(request.session_hash)
+
+        jobs = []
+        for button, handler, extra, values in (
+            ("go", handlers.run_controls, ["allow_large"], True),
+            ("run_json", handlers.run_recipe, ["recipe_box", "allow_large"], False),
+            ("rerun", handlers.run_recipe, ["rerun_recipe", "allow_large"], False),
+        ):
+            c[button].click(arm, None, None, queue=False, api_visibility="private")
+            jobs.append(
+                c[button].click(
+                    *wire(handler, results, values=values, extra=extra), api_visibility="private"
+                )
+            )
+        jobs.append(
+            c["api_generate"].click(
+                *wire(handlers.run_recipe, results, extra=["recipe_box"], api=True),
+                api_name="generate",
+            )
         )
-        job_rerun = c["rerun"].click(*wire(handlers.run_recipe, results, extra=["rerun_recipe"]),
-                                     api_visibility="undocumented")  # fmt: skip
 
         def stop(request: gr.Request):
             handlers.stop(request.session_hash)
 
-        c["halt"].click(stop, None, None, cancels=[job, job_json, job_rerun], queue=False)
-        for event in (job, job_json, job_rerun):
-            event.then(views.maps_picture, [c["kappas"]], c["maps"], api_visibility="private")
+        # Stop sets the run's cancel flag, which the U-Net's blocks check (``composer.methods
+        # .batches.stop_inside``): the run itself ends within a block and says how far it got.
+        # ``cancels=`` would only drop its answer and leave the page blank (gradio#7593).
+        c["halt"].click(stop, None, None, queue=False, api_visibility="private")
+        shown_maps = [c["maps"], c["maps_caption"]]
+        for event in jobs:
+            event.then(views.maps_picture, [c["kappas"]], shown_maps, api_visibility="private")
         c["share"].click(
             handlers.share, [c["last"], c["listed"]], [c["link"], c["stateless_link"]],
             api_name="share",
@@ -204,7 +281,8 @@ class Page:
             queue=False,
             api_visibility="private",
         )  # the links belong to the images they were made for)
-        opened = [*self.restored(), "gallery", "status", "last", "rerun_recipe", "rerun"]
+        opened = [*self.restored(), "gallery", "status", "last", "rerun_recipe", "rerun",
+                  "kappas", "plot"]  # fmt: skip
 
         def open_link(request: gr.Request):
             return self.out(handlers.open_link(dict(request.query_params)), opened)
@@ -213,23 +291,41 @@ class Page:
             return self.out(handlers.open_entry(ids[evt.index]), opened)
 
         c_opened = [c[name] for name in opened]
-        demo.load(open_link, None, c_opened, api_visibility="undocumented")
+        demo.load(open_link, None, c_opened, api_visibility="undocumented").then(
+            views.maps_picture, [c["kappas"]], shown_maps, api_visibility="private"
+        )
         c["shared_box"].expand(handlers.list_shared, None, [c["shared_gallery"], c["shared_ids"]],
                                api_visibility="undocumented")  # fmt: skip
         c["shared_gallery"].select(open_shared, [c["shared_ids"]], c_opened,
-                                   api_visibility="undocumented")  # fmt: skip
-        c["gallery"].select(views.select_image, [c["kappas"]], [c["plot"], c["maps"]],
+                                   api_visibility="undocumented").then(
+            views.maps_picture, [c["kappas"]], shown_maps, api_visibility="private"
+        )  # fmt: skip
+        c["gallery"].select(views.select_image, [c["kappas"]], [c["plot"], *shown_maps],
                             queue=False)  # fmt: skip
         c["dice"].click(lambda: random.randint(0, MAX_SEED), None, c["seed"], queue=False)
         c["show"].click(*wire(lambda v: {"recipe_box": handlers.current_recipe(v)},
                               ["recipe_box"], values=True), queue=False)  # fmt: skip
-        restored = self.restored()
+        restored = [*self.restored(), "status"]
         c["apply"].click(*wire(handlers.restore_from_recipe, restored, extra=["recipe_box"]),
                          api_visibility="undocumented")  # fmt: skip
         c["dropped"].upload(*wire(handlers.restore_from_png, restored, extra=["dropped"]),
                             api_visibility="undocumented")  # fmt: skip
+        c["grid_go"].click(
+            *wire(handlers.make_grid, ["grid_picture", "grid_files"], values=True,
+                  extra=["grid_x", "grid_y"]), api_visibility="private",
+        )  # fmt: skip
         for method, tab in tabs.items():
             self._tab_events(method, tab)
+            for button, (label, recipe) in zip(tab.examples, EXAMPLES.get(method, []),
+                                               strict=True):  # fmt: skip
+                example = json.dumps(recipe)
+
+                def set_example(example=example, label=label):
+                    return {"status": f"Example set: {label}. Press Generate.",
+                            **handlers.restore(parse(example))}  # fmt: skip
+
+                button.click(*wire(set_example, restored), queue=False,
+                             api_visibility="private")  # fmt: skip
 
     def _tab_events(self, method: str, tab) -> None:
         c, wire = self.components, self.wire

@@ -25,6 +25,8 @@ from composer.recipe import Recipe, RecipeError
 log = logging.getLogger("composer.app")
 CANCEL: dict[str, threading.Event] = {}
 """The Stop button's event per session, looked up by key (a ZeroGPU worker gets the key)."""
+STEPS: dict[str, tuple[int, int]] = {}
+"""Steps done and to do of the session's running generation, for "Stopped after k of n steps"."""
 
 GPU_SECONDS_BASE = 20
 """Loading a checkpoint the worker has not cached yet, decoding latents, returning the images."""
@@ -65,6 +67,7 @@ def sample(recipe: Recipe, progress: gr.Progress, cancel_key: str) -> engine.Res
     ``gr.Error`` crosses back with its message, so every failure becomes one here."""
 
     def report(done: int, total: int) -> None:
+        STEPS[cancel_key] = (done, total)
         progress((done, total), desc="Sampling", unit="steps")
 
     try:

@@ -57,15 +57,25 @@ class Tab:
     remove: gr.Button | None = None
     export: gr.Button | None = None
     exported: gr.File | None = None
+    examples: list = field(default_factory=list)
+    """One button per example (``ui.examples``), in order."""
 
 
-def method_tab(method: str, form: Form, values: dict) -> Tab:
+def method_tab(method: str, form: Form, values: dict, examples: list[str] = ()) -> Tab:
     """The tab of ``method``; ``values`` are the controls' starting values by name
-    (``ui.form.defaults``). Must be called inside ``gr.Tabs``."""
+    (``ui.form.defaults``); ``examples`` the labels of its example buttons. Must be called
+    inside ``gr.Tabs``."""
     with gr.Tab(form.tab, id=method) as tab:
         made = Tab(tab)
         if form.intro:
             gr.Markdown(form.intro)
+        if examples:
+            with gr.Row(elem_classes="examples"):
+                gr.Markdown("**Try:**", container=False)
+                made.examples = [
+                    gr.Button(label, size="sm", elem_classes="example", scale=0)
+                    for label in examples
+                ]
         plain = [c for c in form.controls if c.name not in form.advanced]
         _controls(method, plain, values, made)
         if form.row:
@@ -81,7 +91,7 @@ def method_tab(method: str, form: Form, values: dict) -> Tab:
         if form.export:
             with gr.Row():
                 made.export = gr.Button("Export .safetensors", size="sm")
-                made.exported = gr.File(label="Exported checkpoint", height=60)
+                made.exported = gr.File(label="Exported checkpoint", elem_id=f"{method}-exported")
     return made
 
 

@@ -59,18 +59,20 @@ def kappa_plot(kappas: dict | None, index: int):
 
 def select_image(kappas: dict | None, evt: gr.SelectData):
     index = evt.index if isinstance(evt.index, int) else 0
-    return kappa_plot(kappas, index), maps_picture(kappas, index)
+    return kappa_plot(kappas, index), *maps_picture(kappas, index)
 
 
 def maps_picture(kappas: dict | None, index: int = 0):
     """An AFA image beside the maps of where each expert was trusted (expert 1 red, 2 blue,
-    3 green, 4 yellow; averaged over the steps); hidden for other methods."""
+    3 green, 4 yellow; averaged over the steps), each tile titled with its block, and a caption
+    below that wraps; both hidden for other methods."""
     from PIL import Image
 
-    from ui.maps import expert_share, side_by_side
+    from ui.maps import PALETTE_NAMES, expert_share, side_by_side
 
+    hidden = gr.update(visible=False, value=None)
     if not kappas or "maps" not in kappas or not 0 <= index < len(kappas["maps"]):
-        return gr.update(visible=False, value=None)
+        return hidden, gr.update(visible=False, value="")
     maps = kappas["maps"][index]
     names = list(maps)
     shown = [names[1], "mid", names[-2], names[-1]] if len(names) >= MAP_POINTS else names
@@ -79,13 +81,21 @@ def maps_picture(kappas: dict | None, index: int = 0):
         big = image.convert("RGB").resize(
             (image.width * scale, image.height * scale), Image.Resampling.NEAREST
         )
-    shares = ", ".join(
-        f"{label.split(' ·')[0]} {share:.0%}"
-        for label, share in zip(kappas["labels"], expert_share(maps["mid"]), strict=False)
+    labels = kappas["labels"]
+    shares = expert_share(maps["mid"]) if "mid" in maps else []
+    legend = "; ".join(
+        f"**{colour}**: expert {label}" + (f" ({shares[k]:.0%} at mid)" if k < len(shares) else "")
+        for k, (colour, label) in enumerate(zip(PALETTE_NAMES, labels, strict=False))
     )
-    return gr.update(
-        visible=True,
-        value=side_by_side(big, maps, shown),
-        label=f"Image {index + 1} and where each expert was trusted at {', '.join(shown)} "
-        f"(red: expert 1, blue: 2, green: 3, yellow: 4); mid block: {shares}",
+    caption = (
+        f"Image {index + 1} (seed {kappas['seeds'][index]}) and where the aggregator trusted each "
+        f"expert, averaged over the steps, at the blocks {', '.join(shown)}. {legend}."
+    )
+    return (
+        gr.update(
+            visible=True,
+            value=side_by_side(big, maps, shown, titled=True),
+            label=f"Aggregation maps, image {index + 1}",
+        ),
+        gr.update(visible=True, value=caption),
     )

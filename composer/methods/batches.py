@@ -15,7 +15,9 @@ and tries once more before it becomes a clear error.
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -35,6 +37,11 @@ is twice the marginal cost, so that a batch of a few images still fits with the 
 attention without memory-efficient kernels; ``bench/gpu.sh`` measures the CUDA figure."""
 BUDGET_SHARE = 0.5
 """The share of the device's free memory one batch may fill."""
+CHECKED_BLOCKS = frozenset(
+    {"ResnetBlock2D", "Transformer2DModel", "Attention", "Downsample2D", "Upsample2D"}
+)
+"""The U-Net and VAE blocks that look at the cancel flag before they run: on an SD1.5 U-Net
+about 90 Python calls per pass, so Stop acts within one block's time, not one step's."""
 
 
 def activation_bytes(pipe, width: int, height: int) -> int:
@@ -96,8 +103,10 @@ def each_batch(job: Job, device: str, sample, pipe, passes: int = 1) -> Result:
 
         began = time.perf_counter()
         try:
-            with attention(speedups):
+            with attention(speedups), stop_inside(_networks(job, pipe), cancel):
                 made, steps = sample(batch, on_step)
+        except Cancelled:
+            raise Cancelled(images) from None
         except Exception as e:
             if not out_of_memory(e):
                 raise
@@ -116,15 +125,62 @@ def each_batch(job: Job, device: str, sample, pipe, passes: int = 1) -> Result:
         batches += [(start, len(batch))] * len(batch)
         start += len(batch)
     ran = recipe if n == 1 else replace(recipe, sampler=replace(s, batch_size=size))
-    model_hashes, lora_hashes = hashes(recipe, job.sources)
+    model_hashes, lora_hashes, ti_hashes = hashes(recipe, job.sources, job.embeddings)
     from composer.methods import METHODS
 
     sampler = METHODS[recipe.method].sampler
     metadata = [
-        png_info(recipe, i, model_hashes, lora_hashes, sampler, batch=batches[i])
+        png_info(
+            recipe,
+            i,
+            model_hashes,
+            lora_hashes,
+            sampler,
+            batch=batches[i],
+            ti_hashes=ti_hashes,
+            size=images[i].size,
+        )
         for i in range(len(images))
     ]
     return Result(ran, images, seeds, seconds, trace, metadata, device, batch_size=size)
+
+
+def _networks(job: Job, pipe) -> list[torch.nn.Module]:
+    """The U-Nets and VAEs one batch may run: ``pipe``'s (a live merge's own) and every leased
+    pipeline's (the experts of superposition and aggregation)."""
+    pipes = [pipe, *(lease.pipe for lease in job.leases.values())]
+    nets = [getattr(p, name, None) for p in pipes for name in ("unet", "vae")]
+    return list({id(n): n for n in nets if isinstance(n, torch.nn.Module)}.values())
+
+
+@contextmanager
+def stop_inside(networks: list[torch.nn.Module], cancel: threading.Event | None):
+    """Stop inside a pass, not only between steps: while the batch runs, a forward pre-hook on
+    each of ``networks``' ``CHECKED_BLOCKS`` raises ``Cancelled`` once ``cancel`` is set (one
+    step of a large image can take minutes on a CPU). The hooks are this request's and are
+    removed when the batch ends; the request's lease keeps other requests off these modules
+    meanwhile. A compiled network (``COMPOSER_COMPILE``) is left alone: a new hook would make
+    ``torch.compile`` trace it again, so there Stop acts between steps."""
+    if cancel is None:
+        yield
+        return
+
+    def check(module, args):
+        if cancel.is_set():
+            raise Cancelled([])
+
+    handles = [
+        block.register_forward_pre_hook(check)
+        for net in networks
+        if getattr(net, "_compiled_call_impl", None) is None
+        for block in net.modules()
+        if type(block).__name__ in CHECKED_BLOCKS
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _too_big(job: Job, pipe, length: int, device: str) -> RecipeError:
