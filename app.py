@@ -7,13 +7,11 @@ starts (``ui.run.preload``), so that every GPU worker gets them.
 from __future__ import annotations
 
 import os
-from importlib.util import find_spec
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from ui import run
-from ui.handlers import OUTPUT_DIR
-from ui.page import CSS, build
+from ui.page import build, launch_options
 
 
 def main() -> None:
@@ -24,9 +22,7 @@ def main() -> None:
         run.preload()
     demo = build().demo
     demo.queue(default_concurrency_limit=int(os.environ.get("COMPOSER_CONCURRENCY", "1")))
-    # With the ``mcp`` package (``pip install "gradio[mcp]"``) the page is also an MCP server:
-    # its documented endpoints (generate, share, export_merge) become tools for assistants.
-    demo.launch(allowed_paths=[str(OUTPUT_DIR)], css=CSS, mcp_server=find_spec("mcp") is not None)
+    demo.launch(**launch_options())
 
 
 if __name__ == "__main__":

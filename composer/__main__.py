@@ -228,10 +228,14 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+KINDS = ("models", "loras", "aggregators", "routers")
+"""What ``composer models`` lists: every kind of thing the bundled zoo holds."""
+
+
 def _models(args: argparse.Namespace) -> int:
     from composer import zoo as registry  # the folders only: no torch for a listing
 
-    listing = {kind: sorted(registry.bundled(kind)) for kind in ("models", "loras", "aggregators")}
+    listing = {kind: sorted(registry.bundled(kind)) for kind in KINDS}
     if args.json:
         print(json.dumps(listing, indent=2))
         return 0
@@ -259,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     from composer.merge.registry import LORA_MERGE_METHODS
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["aggregate"], ["router"]):  # library advice would bury the trainers' own
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if argv[:1] == ["aggregate"]:  # its own options: python -m composer aggregate train --help
         from composer.training import cli as aggregate
 
@@ -267,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         from composer.training import router
 
         return router.main(argv[1:])
+    if argv[:1] == ["serve"]:  # python -m composer serve --help (needs ray[serve])
+        from composer.serve import cli as serve
+
+        return serve.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m composer", description="Combine diffusion models from a recipe."
     )
@@ -331,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "aggregate", help="train an AFA aggregator: aggregate train --experts … (--help there)"
     )
+    sub.add_parser("serve", help="serve the page to many users with Ray Serve (serve --help)")
     models = sub.add_parser("models", help="list the bundled models, LoRAs and aggregators")
     models.add_argument("--json", action="store_true")
     models.set_defaults(run=_models)

@@ -10,11 +10,13 @@ ASSETS = Path(
     os.environ.get("COMPOSER_ASSETS") or Path(__file__).resolve().parent.parent / "assets"
 )
 """The bundled zoo; ``COMPOSER_ASSETS`` points the app at another folder of the same layout
-(``models/``, ``loras/``, ``aggregators/``), e.g. a freshly trained zoo before it is bundled."""
+(``models/``, ``loras/``, ``aggregators/``, ``routers/``), e.g. a freshly trained zoo before it
+is bundled."""
 
 
 def bundled(kind: str) -> dict[str, Path]:
-    """Bundled names of ``kind`` ("models", "loras" or "aggregators") → their folders."""
+    """Bundled names of ``kind`` ("models", "loras", "aggregators" or "routers") → their
+    folders."""
     folder = ASSETS / kind
     if not folder.is_dir():
         return {}

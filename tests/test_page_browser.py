@@ -10,8 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.test_share_browser import browser, chromium_path  # noqa: F401  (the shared fixture)
-from ui.handlers import OUTPUT_DIR
-from ui.page import CSS, build
+from ui.page import build, launch_options
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 expect = sync_api.expect
@@ -23,7 +22,7 @@ def base_url(tmp_path_factory, monkeypatch_module):
     demo = build().demo
     demo.queue()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None,
-                allowed_paths=[str(OUTPUT_DIR)], quiet=True, css=CSS)  # fmt: skip
+                quiet=True, **launch_options())  # fmt: skip
     try:
         yield demo.local_url.rstrip("/")
     finally:
@@ -158,3 +157,29 @@ def test_the_comparison_grid_makes_a_labelled_picture_of_the_right_size(page):
     expect(picture).to_be_visible()
     png = page.request.get(picture.get_attribute("src")).body()
     assert Image.open(io.BytesIO(png)).size == grid_size(2, 2, (32, 32), titled_rows=True)
+
+
+def test_uploads_above_the_limit_are_refused_before_they_reach_the_disk(base_url):
+    """Issue 20, item 6: the page used to accept a 200 MB upload (``max_file_size: null``)."""
+    import httpx
+
+    from ui.page import MAX_UPLOAD
+
+    assert MAX_UPLOAD == "20mb"
+    url = f"{base_url}/gradio_api/upload"
+    big = httpx.post(url, files={"files": ("big.png", b"\0" * (21 * 1024 * 1024))}, timeout=60)
+    assert big.status_code == 413, big.text[:200]
+    small = httpx.post(url, files={"files": ("small.png", b"\0" * 1024)}, timeout=60)
+    assert small.status_code == 200
+
+
+def test_the_page_offers_exactly_its_documented_endpoints_as_mcp_tools(base_url):
+    """Issue 21, point 8: with the ``mcp`` package the page is an MCP server whose tools are the
+    documented endpoints, named and described, not the page's internal events."""
+    import httpx
+
+    pytest.importorskip("mcp", reason="the mcp package is not installed")
+    tools = httpx.get(f"{base_url}/gradio_api/mcp/schema", timeout=30).json()
+    assert sorted(t["name"] for t in tools) == ["export_merge", "generate", "share"]
+    generate = next(t for t in tools if t["name"] == "generate")
+    assert "recipe" in generate["description"]

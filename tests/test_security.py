@@ -105,6 +105,7 @@ from composer.sharing.store import Store
 store = Store(sys.argv[1])
 png = open(sys.argv[2], "rb").read()
 recipe = '{"prompt": "a", "experts": [{"model": "toy-warm"}]}'
+store.save(recipe, [png] * 4)  # one acknowledged save before the kill can land
 print("ready", flush=True)
 while True:
     store.save(recipe, [png] * 4)
@@ -274,3 +275,48 @@ def test_broken_model_files_are_one_clear_error_and_leave_no_cache_entry(tiny_sd
     # the cache still serves a good model afterwards
     ok = parse({**GOOD, "experts": [{"model": tiny_sd1}], "sampler": {"steps": 1}})
     assert len(engine.generate(ok, cache=cache).images) == 1
+
+
+def test_a_lora_with_an_empty_header_is_one_error_and_the_next_lora_still_applies(tmp_path):
+    """Issue 20, item 1: ``set_adapters`` used to raise outside the ``try``, leaving a half-made
+    adapter in the cached pipeline. Now the failure is one ``RecipeError`` naming the file, the
+    adapter is gone, and a good LoRA on the same cached model works."""
+    from safetensors.torch import save_file
+
+    from composer import engine, registry
+
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, str(empty), metadata={"ss_network_module": "networks.lora"})
+    cache = registry.ModelCache()
+    base = {"prompt": "a purple star", "sampler": {"steps": 2, "seed": 1}}
+    broken = parse({**base, "experts": [{"model": "toy-base", "loras": [{"path": str(empty)}]}]})
+    for _ in range(2):  # the same clear error on a retry, not a different one
+        with pytest.raises(RecipeError, match=r"empty\.safetensors") as info:
+            engine.generate(broken, cache=cache)
+        assert "\n" not in str(info.value)
+    for entry in cache._entries.values():  # the file may be refused before the model loads
+        assert entry.adapters == {}  # nothing half-applied stays
+        assert not getattr(entry.pipe.unet, "peft_config", None)
+    good = parse({**base, "experts": [{"model": "toy-base", "loras": [{"path": "toy-purple"}]}]})
+    alone = engine.generate(good, cache=registry.ModelCache()).images[0]
+    after = engine.generate(good, cache=cache).images[0]
+    assert after.tobytes() == alone.tobytes()
+
+
+def test_old_output_folders_are_swept_and_young_ones_kept(tmp_path, monkeypatch):
+    """Issue 20, item 7: ``composer-outputs`` no longer grows with every generation."""
+    import os
+
+    from ui import handlers
+
+    monkeypatch.setattr(handlers, "OUTPUT_DIR", tmp_path)
+    monkeypatch.setattr(handlers, "OUTPUT_KEEP_FOLDERS", 3)
+    monkeypatch.setattr(handlers, "_swept", [0.0])
+    now = 1_000_000.0
+    ages = {"old": handlers.OUTPUT_KEEP_S + 10, **{f"young{k}": 10 * k for k in range(5)}}
+    for name, age in ages.items():
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (now - age, now - age))
+    assert handlers.sweep_outputs(now) == 3  # the old one, and the two oldest beyond 3
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["young0", "young1", "young2"]
+    assert handlers.sweep_outputs(now + 1) == 0  # at most once a minute

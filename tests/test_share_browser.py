@@ -14,8 +14,7 @@ from PIL import Image
 from composer.recipe import parse
 from composer.sharing.links import recipe_link
 from composer.sharing.pnginfo import read_recipe
-from ui.handlers import OUTPUT_DIR
-from ui.page import build
+from ui.page import build, launch_options
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 expect = sync_api.expect
@@ -54,8 +53,8 @@ def base_url(tmp_path_factory):
         prevent_thread_lock=True,
         server_name="127.0.0.1",
         server_port=None,
-        allowed_paths=[str(OUTPUT_DIR)],
         quiet=True,
+        **launch_options(),
     )
     try:
         yield demo.local_url.rstrip("/")

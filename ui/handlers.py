@@ -14,8 +14,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -31,6 +33,13 @@ from ui import form, run, views
 
 log = logging.getLogger("composer.app")
 OUTPUT_DIR = Path(tempfile.gettempdir()) / "composer-outputs"
+OUTPUT_KEEP_S = float(os.environ.get("COMPOSER_OUTPUT_KEEP_S", 24 * 3600))
+"""How long a generation's PNGs stay in ``OUTPUT_DIR`` (a day): long enough to download them
+from the gallery, short enough that a busy Space's disk does not fill. Share links keep what
+they need in the share store, not here."""
+OUTPUT_KEEP_FOLDERS = int(os.environ.get("COMPOSER_OUTPUT_KEEP_FOLDERS", 2000))
+"""At most this many generations' folders stay, newest first, whatever their age."""
+_swept = [0.0]
 RESULTS = ("gallery", "recipe_box", "status", "kappas", "plot", "last")
 """What a generation updates, in the order of the ``generate`` API endpoint's outputs."""
 ASK_FACTOR = 16
@@ -185,6 +194,7 @@ def stop(session_hash: str) -> None:
 def write_pngs(pngs: list[bytes]) -> list[str]:
     """PNG files in a fresh folder under ``OUTPUT_DIR``, the one place the page serves files from
     (the share store's own folder is never served)."""
+    sweep_outputs()
     folder = OUTPUT_DIR / uuid.uuid4().hex
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -193,6 +203,28 @@ def write_pngs(pngs: list[bytes]) -> list[str]:
         path.write_bytes(png)
         paths.append(str(path))
     return paths
+
+
+def sweep_outputs(now: float | None = None, every_s: float = 60.0) -> int:
+    """Remove generations' folders older than ``OUTPUT_KEEP_S`` and beyond the newest
+    ``OUTPUT_KEEP_FOLDERS`` (at most once per ``every_s``); returns how many went. A folder
+    another request is writing into is young, so it stays."""
+    now = time.time() if now is None else now
+    if now - _swept[0] < every_s:
+        return 0
+    _swept[0] = now
+    try:
+        folders = sorted(
+            ((f.stat().st_mtime, f) for f in OUTPUT_DIR.iterdir() if f.is_dir()), reverse=True
+        )
+    except OSError:  # no outputs yet
+        return 0
+    gone = 0
+    for k, (mtime, folder) in enumerate(folders):
+        if k >= OUTPUT_KEEP_FOLDERS or now - mtime > OUTPUT_KEEP_S:
+            shutil.rmtree(folder, ignore_errors=True)
+            gone += 1
+    return gone
 
 
 def gallery_items(paths: list[str], recipe: Recipe) -> list[tuple[str, str]]:

@@ -8,7 +8,9 @@ name; ``Page.wire`` turns names into components, so nothing here depends on the 
 from __future__ import annotations
 
 import json
+import os
 import random
+from importlib.util import find_spec
 
 import gradio as gr
 
@@ -32,6 +34,29 @@ CSS = """
 """The page's own styles, for ``launch(css=...)``: tiny results (32 px) drawn with square pixels
 instead of blurred when the browser enlarges them."""
 
+MAX_UPLOAD = os.environ.get("COMPOSER_MAX_UPLOAD", "20mb")
+"""The largest file the page accepts (a dropped PNG is a few hundred KB); Gradio refuses larger
+uploads with HTTP 413 before they reach the disk."""
+
+
+def launch_options() -> dict:
+    """``demo.launch`` arguments that every way of starting the page shares (``app.py``, the
+    tests): the one folder files are served from, the page's styles, the upload limit, and an
+    MCP server where the ``mcp`` package is installed (``pip install "gradio[mcp]"``): the
+    documented endpoints (generate, share, export_merge) become tools for assistants."""
+    return {
+        "allowed_paths": [str(handlers.OUTPUT_DIR)],
+        "css": CSS,
+        "max_file_size": MAX_UPLOAD,
+        "mcp_server": find_spec("mcp") is not None,
+    }
+
+
+PUBLIC_API = ("generate", "share", "export_merge")
+"""The endpoints documented for clients (``gradio_client``, the "Use via API" page) and, with
+the ``mcp`` package, offered to assistants as MCP tools; every other event of the page stays
+callable by the page itself but undocumented."""
+
 
 class Page:
     """The built page: ``components`` by name (controls, as in ``ui.form.names()``, and the
@@ -40,6 +65,11 @@ class Page:
     def __init__(self):
         self.components: dict[str, gr.components.Component] = {}
         self.demo = self._build()
+        for fn in self.demo.fns.values():  # the page's own plumbing is not an API (nor MCP tool)
+            if fn.api_visibility == "public" and fn.api_name not in PUBLIC_API:
+                fn.api_visibility = "undocumented"
+            elif fn.api_visibility == "public" and fn.fn is not None:
+                fn.fn.__name__ = fn.api_name  # the MCP tool's name (Gradio takes the function's)
 
     @property
     def controls(self) -> list:
@@ -74,13 +104,15 @@ class Page:
                 gr.Warning(e.message, duration=15)
                 return self.out({"status": f"⚠️ {e.message}"}, outputs)
 
+        call.__doc__ = handler.__doc__  # what the API page and MCP clients read
         inputs = [*(self.controls if values else []), *(out[name] for name in extra)]
         return call, inputs, [out[name] for name in outputs]
 
     def _build(self) -> gr.Blocks:
         c = self.components
         start = form.defaults()
-        with gr.Blocks(title="Diffusion Composer") as demo:
+        keep = (3600, int(handlers.OUTPUT_KEEP_S))  # Gradio's copies of served files, hourly
+        with gr.Blocks(title="Diffusion Composer", delete_cache=keep) as demo:
             gr.Markdown(TITLE)
             c["method"] = gr.State(start["method"])
             for name in ("kappas", "last", "rerun_recipe"):
@@ -256,6 +288,11 @@ class Page:
             c["api_generate"].click(
                 *wire(handlers.run_recipe, results, extra=["recipe_box"], api=True),
                 api_name="generate",
+                api_description=(
+                    "Generate images from a recipe (JSON: prompt, experts with models and LoRAs, "
+                    "method, sampler; the format is ../shared/RECIPE.md). Returns the images, the "
+                    "recipe as run, a status line and per-image traces."
+                ),
             )
         )
 
@@ -343,7 +380,7 @@ class Page:
             name = f"{method}.{control.name}"
             if control.enables:
                 c[name].change(
-                    lambda follows: gr.update(interactive=not follows), c[name],
+                    lambda follows: gr.update(visible=not follows), c[name],
                     c[f"{method}.{control.enables}"], queue=False, api_visibility="private",
                 )  # fmt: skip
             if control.fills_rows is not None:
@@ -358,6 +395,8 @@ class Page:
             tab.export.click(
                 *wire(lambda v: {exported: handlers.export(v)}, [exported], values=True),
                 api_name=f"export_{method}",
+                api_description=f"Export the {method} tab's merge as one fp16 .safetensors "
+                "checkpoint named after its recipe; returns the file.",
             )
 
 

@@ -107,7 +107,7 @@ def _controls(method: str, controls: list[Control], values: dict, made: Tab) -> 
                 enabled = {}
                 if any(o.enables == c.name for o in controls):
                     toggle = next(o for o in controls if o.enables == c.name)
-                    enabled = {"interactive": not values[f"{method}.{toggle.name}"]}
+                    enabled = {"visible": not values[f"{method}.{toggle.name}"]}
                 made.controls[name] = component(c, values[name], **enabled)
 
 

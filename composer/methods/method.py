@@ -37,7 +37,8 @@ class Control:
     step: float | None = None
     info: str = ""
     enables: str | None = None
-    """``check`` only: the control that is editable while this box is *not* ticked."""
+    """``check`` only: the control that is shown while this box is *not* ticked (hidden, not greyed:
+    a greyed value that is not the one used misleads)."""
     fills_rows: Callable[[str], list[str]] | None = None
     """Picking a value puts these models into the expert rows (an aggregator's experts)."""
 
