@@ -3,7 +3,11 @@ a router trained on two Gaussian partitions approaches their true posterior."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
 from pipelines.superposition import SuperpositionPipeline
@@ -109,3 +113,48 @@ def test_router_settings_are_checked_with_their_field_named(tmp_path):
         engine.generate(parse(three), cache=registry.ModelCache())
     with pytest.raises(RecipeError, match=r"superpose\.router: unknown router 'nope'"):
         parse(router_recipe(router="nope"), check=registry.check_reference)
+
+
+def test_the_trainer_writes_a_card_and_resumes_from_its_last_checkpoint(
+    tmp_path, monkeypatch, capsys
+):
+    """``python -m composer router train``: a run stopped between checkpoints continues from the
+    last one (not from zero), and the finished router loads with its experts' names."""
+    from composer.__main__ import main as cli
+    from composer.training import router as trainer
+    from pipelines.superposition.router import Router
+    from toyworld.render import render
+
+    folders = []
+    for name, colour in (("warm", "red"), ("cool", "blue")):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(10):
+            render(("circle", "square")[i % 2], colour, i).save(folder / f"{i}.png")
+        folders.append(str(folder))
+    out = tmp_path / "router"
+    monkeypatch.setattr(trainer, "SAVE_EVERY", 10)
+    seen = []
+
+    def stop_at_20(line):
+        seen.append(line)
+        if line.startswith("step 20/"):
+            raise KeyboardInterrupt  # killed after the checkpoint at 10, before the one at 20
+
+    import composer.registry as registry
+
+    source = registry.resolve_model("toy-warm")
+    with registry.CACHE.lease(source) as lease, pytest.raises(KeyboardInterrupt):
+        trainer.train(lease.pipe, ["toy-warm", "toy-cool"], [Path(f) for f in folders], out,
+                      steps=40, batch=8, log=stop_at_20)  # fmt: skip
+    assert json.loads((out / "training.json").read_text())["steps"] == 10
+    args = ["router", "train", "--experts", "toy-warm", "toy-cool", "--data", *folders,
+            "--out", str(out), "--steps", "40", "--batch", "8"]  # fmt: skip
+    assert cli(args) == 0
+    assert "resuming from step 10" in capsys.readouterr().out
+    figures = json.loads((out / "training.json").read_text())
+    assert figures["steps"] == 40 and set(figures["held_out_accuracy_by_timestep"]) == {
+        "100", "400", "700", "950"
+    }  # fmt: skip
+    assert "router" in (out / "README.md").read_text()
+    assert Router.from_pretrained(out).config.expert_names == ["toy-warm", "toy-cool"]

@@ -41,6 +41,18 @@ def encode_folders(pipe, folders: list[Path], size: int) -> tuple[torch.Tensor, 
     return torch.cat(latents), torch.cat(labels)
 
 
+SAVE_EVERY = 200
+"""Steps between checkpoints: a run stopped at any point resumes from its last one."""
+
+
+def _save(router, out: Path, figures: dict) -> None:
+    """The weights, then ``training.json`` (steps done): a kill between the two resumes from
+    the previous count with the newer weights, never the reverse."""
+    out.mkdir(parents=True, exist_ok=True)
+    router.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(figures, indent=2) + "\n")
+
+
 def train(
     pipe,
     experts: list[str],
@@ -62,20 +74,27 @@ def train(
         raise RecipeError(f"--data: one folder per expert ({len(experts)}), not {len(folders)}")
     size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     latents, labels = encode_folders(pipe, folders, size)
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(labels), generator=generator)
+    device = latents.device
+    labels = labels.to(device)
+    split = torch.Generator().manual_seed(seed)  # the same held-out images on every resume
+    order = torch.randperm(len(labels), generator=split)
     held = order[: max(len(labels) // 10, 1)]
     train_idx = order[len(held) :]
-    if (out / "config.json").is_file():
+    if (out / "config.json").is_file() and (out / "training.json").is_file():
         router = Router.from_pretrained(out)
         done = json.loads((out / "training.json").read_text())["steps"]
+        log(f"resuming from step {done} in {out}")
     else:
         router = Router(in_channels=latents.shape[1], num_experts=len(experts),
                         expert_names=tuple(experts))  # fmt: skip
         done = 0
+    router.to(device)
+    # fresh batches after a resume (the optimiser's moments restart, as the AFA trainer's do)
+    generator = torch.Generator().manual_seed(seed + done)
     alphas = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
     optimiser = torch.optim.AdamW(router.parameters(), lr=lr)
     start, loss = time.perf_counter(), float("nan")
+    figures = {"experts": experts, "images": len(labels), "held_out": len(held), "size": size}
     router.train()
     for step in range(done, steps):
         pick = train_idx[torch.randint(0, len(train_idx), (batch,), generator=generator)]
@@ -84,36 +103,33 @@ def train(
         value.backward()
         optimiser.step()
         loss = 0.98 * loss + 0.02 * float(value.detach()) if loss == loss else float(value.detach())
-        if (step + 1) % 200 == 0 or step + 1 == steps:
+        if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
             log(f"step {step + 1}/{steps}  loss {loss:.4f}")
+            _save(router, out, {**figures, "steps": step + 1, "loss": round(loss, 4)})
     router.eval()
     accuracy = {}
     with torch.no_grad():
         for t in (100, 400, 700, 950):
             a = alphas[t]
             x = latents[held]
-            noisy = a.sqrt() * x + (1 - a).sqrt() * torch.randn(x.shape, generator=generator)
-            guess = router(noisy, torch.full((len(held),), t)).argmax(1)
+            noise = torch.randn(x.shape, generator=generator).to(x)
+            noisy = a.sqrt() * x + (1 - a).sqrt() * noise
+            guess = router(noisy, torch.full((len(held),), t, device=device)).argmax(1)
             accuracy[str(t)] = round(float((guess == labels[held]).float().mean()), 3)
-    out.mkdir(parents=True, exist_ok=True)
-    router.save_pretrained(out)
     figures = {
-        "experts": experts,
-        "steps": steps,
-        "images": len(labels),
-        "held_out": len(held),
-        "size": size,
-        "loss": round(loss, 4),
+        **figures,
+        "steps": max(steps, done),
+        "loss": round(loss, 4) if loss == loss else None,
         "held_out_accuracy_by_timestep": accuracy,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    (out / "training.json").write_text(json.dumps(figures, indent=2) + "\n")
+    _save(router, out, figures)
     (out / "README.md").write_text(
         f'# Router for {", ".join(experts)}\n\nA superposition router (`"superpose": '
         f'{{"mode": "router", "router": "{out.name}"}}`) over these experts, in this order. '
-        f"Trained {steps} steps on {len(labels)} images ({size}²), one folder per expert.\n\n"
-        f"Held-out accuracy of telling the experts' images apart, by timestep (1000 = pure "
-        f"noise, where it cannot): {accuracy}. Final loss {loss:.4f}.\n"
+        f"Trained {figures['steps']} steps on {len(labels)} images ({size}²), one folder per "
+        f"expert.\n\nHeld-out accuracy of telling the experts' images apart, by timestep (1000 = "
+        f"pure noise, where it cannot): {accuracy}. Final loss {figures['loss']}.\n"
     )
     return figures
 

@@ -84,4 +84,4 @@ def router_loss(
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     a = alphas_cumprod[t].to(latents).reshape(b, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    return F.cross_entropy(router(noisy, t), labels)
+    return F.cross_entropy(router(noisy, t.to(latents.device)), labels)
