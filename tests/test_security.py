@@ -320,3 +320,31 @@ def test_old_output_folders_are_swept_and_young_ones_kept(tmp_path, monkeypatch)
     assert handlers.sweep_outputs(now) == 3  # the old one, and the two oldest beyond 3
     assert sorted(f.name for f in tmp_path.iterdir()) == ["young0", "young1", "young2"]
     assert handlers.sweep_outputs(now + 1) == 0  # at most once a minute
+
+
+def test_two_hundred_fuzzed_recipes_each_exit_2_with_one_line_from_the_cli(
+    tiny_sd1, tiny_lora, tmp_path, monkeypatch, capsys
+):
+    """Issue 20's judged fuzz: every malformed recipe of ``tests/test_recipe_fuzz.py`` (wrong
+    types, NaN, ±inf, huge, missing, path tricks, truncated and scrambled JSON) given to
+    ``python -m composer generate``: exit status 2, one ``error:`` line, no traceback, no output.
+    A scramble that is still a valid recipe must then generate (exit 0) — it is not counted."""
+    from tests.test_recipe_fuzz import malformed_cases
+
+    refused = 0
+    for name, data in malformed_cases(tiny_sd1, tiny_lora):
+        text = data if isinstance(data, str) else json.dumps(data)
+        if name.startswith("scrambled"):
+            try:
+                parse(text)
+                continue  # a valid recipe by chance: not a malformed case
+            except RecipeError:
+                pass
+        monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+        out = tmp_path / "out"
+        assert cli_main(["generate", "-", "--out", str(out)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: "), (name, err)
+        assert "Traceback" not in err and not out.exists(), name
+        refused += 1
+    assert refused >= 200
