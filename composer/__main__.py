@@ -222,9 +222,12 @@ def _read(path: str) -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from composer.sharing.pnginfo import read_recipe
+    from composer.sharing.pnginfo import not_carried, read_recipe
 
     print(read_recipe(args.image).to_json())
+    left_out = not_carried(args.image)
+    if left_out:
+        print(f"note: not carried over from its parameters: {', '.join(left_out)}", file=sys.stderr)
     return 0
 
 

@@ -125,3 +125,27 @@ def test_png_from_a1111_reads_and_composer_info_prints_it(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["prompt"] == "portrait of a knight, intricate armor"
     assert printed["experts"][0]["model"] == "v1-5-pruned-emaonly"
+
+
+def test_settings_a_recipe_cannot_hold_are_named_by_composer_info_and_the_page(tmp_path, capsys):
+    """No silent changes: an A1111 image's Clip skip, hires fix and VAE are not carried into
+    the recipe, and both ``composer info`` and a PNG dropped on the page say which."""
+    from composer.sharing.pnginfo import not_carried
+    from ui.handlers import restore_from_png
+
+    first = a1111_png(tmp_path / "first.png", SAMPLES[0])
+    assert not_carried(first) == [
+        "Denoising strength", "Clip skip", "Hires upscale", "Hires upscaler"
+    ]  # fmt: skip
+    assert not_carried(a1111_png(tmp_path / "second.png", SAMPLES[1])) == ["VAE"]
+    assert not_carried(a1111_png(tmp_path / "third.png", SAMPLES[2])) == []
+    assert main(["info", str(first)]) == 0
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "note: not carried over from its parameters: Denoising strength, Clip skip, "
+        "Hires upscale, Hires upscaler"
+    )
+    with Image.open(first) as image:
+        image.load()
+        status = restore_from_png(image)["status"]
+    assert "not carried over" in status and "Clip skip" in status

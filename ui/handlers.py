@@ -27,7 +27,7 @@ from gradio import route_utils
 from composer import engine, registry
 from composer.recipe import Recipe, RecipeError, parse
 from composer.sharing.links import decode_recipe, recipe_link, share_link
-from composer.sharing.pnginfo import png_bytes, read_recipe
+from composer.sharing.pnginfo import not_carried, png_bytes, read_recipe
 from composer.sharing.store import Store
 from ui import form, run, views
 
@@ -316,6 +316,12 @@ def restore_from_png(image) -> dict:
     except RecipeError as e:
         raise gr.Error(str(e), print_exception=False) from None
     status = "Controls restored from the image's recipe."
+    left_out = not_carried(image)
+    if left_out:
+        status = (
+            "Controls restored from the image's AUTOMATIC1111 parameters; not carried over "
+            f"(no recipe field holds them): {', '.join(left_out)}."
+        )
     if form.fits(recipe):
         gr.Info(status)
     return {"status": status, **restore(recipe)}

@@ -209,7 +209,8 @@ def from_a1111(text: str) -> dict:
     ``<lora:…>`` tags (which attach those LoRAs), the negative prompt, steps, sampler (with
     A1111's ``Schedule type``), CFG scale, seed, size and the model by name. A setting the recipe
     cannot hold (a sampler it lacks, a size that is not a multiple of 8) is left at its
-    default; the rest of A1111's settings (hires fix, clip skip, …) have no place in a recipe."""
+    default; the rest of A1111's settings (hires fix, clip skip, …) have no place in a recipe
+    (``not_carried`` names them, so that the page and ``composer info`` can say so)."""
     from composer import registry
     from composer.recipe import MAX_SEED, MAX_SIDE, MAX_STEPS, normalize_scheduler
 
@@ -245,6 +246,28 @@ def from_a1111(text: str) -> dict:
         "experts": [{"model": model or registry.DEFAULT_MODEL}],
         "sampler": sampler,
     }
+
+
+CARRIED = frozenset(
+    {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Composition"}
+)
+"""A1111 settings ``from_a1111`` turns into recipe fields."""
+INFORMATIONAL = frozenset(
+    {"Model hash", "Lora hashes", "TI hashes", "Version", "Batch size", "Batch pos", "VAE hash"}
+)
+"""Settings that describe the image rather than change it (hashes, versions, batch context)."""
+
+
+def not_carried(image: Image.Image | str | Path) -> list[str]:
+    """The settings of an image made by AUTOMATIC1111 (or a tool that writes its text) that its
+    recipe does not hold, e.g. ``Clip skip`` or ``Hires upscale``: what to tell a user whose
+    restored controls may not remake that image. Empty for our own PNGs."""
+    chunks = dict(image.info) if isinstance(image, Image.Image) else dict(Image.open(image).info)
+    text = chunks.get(PARAMETERS_CHUNK)
+    if RECIPE_CHUNK in chunks or not isinstance(text, str):
+        return []
+    _, _, settings = a1111_fields(text)
+    return [key for key in settings if key not in CARRIED | INFORMATIONAL]
 
 
 def _whole(text: str | None) -> int | None:
