@@ -219,3 +219,37 @@ def test_embedding_reaches_every_method(method, tiny_sd1, tmp_path, cache):
         return pixels(engine.generate(recipe, cache=cache))
 
     assert not np.array_equal(run("a red circle vexil"), run("a red circle"))
+
+
+def test_names_in_the_users_own_folders_resolve_like_a1111s(
+    tiny_sd1, tiny_lora, tmp_path, monkeypatch, cache
+):
+    """``<lora:NAME>`` finds NAME.safetensors in ``COMPOSER_LORA_DIR`` (subfolders too, as A1111's
+    models/Lora), and an embedding is named by its file in ``COMPOSER_EMBEDDING_DIR``; hosted
+    mode ignores both folders."""
+    import shutil
+
+    from composer import hosted
+
+    loras, embeddings = tmp_path / "Lora", tmp_path / "embeddings"
+    (loras / "styles").mkdir(parents=True)
+    embeddings.mkdir()
+    shutil.copy(registry.resolve_lora(tiny_lora), loras / "styles" / "my_style.safetensors")
+    a1111_embedding(embeddings, "zorblax")
+    monkeypatch.setenv("COMPOSER_LORA_DIR", str(loras))
+    monkeypatch.setenv("COMPOSER_EMBEDDING_DIR", str(embeddings))
+
+    by_name = generate(cache, "a red circle <lora:my_style:0.8>", tiny_sd1)
+    listed = generate(cache, "a red circle", tiny_sd1, loras=[(tiny_lora, 0.8)])
+    assert np.array_equal(pixels(by_name), pixels(listed))
+    named = generate(cache, "a red circle zorblax", tiny_sd1, embeddings=[{"path": "zorblax"}])
+    by_path = generate(cache, "a red circle zorblax", tiny_sd1,
+                       embeddings=[{"path": str(embeddings / "zorblax.safetensors")}])  # fmt: skip
+    assert np.array_equal(pixels(named), pixels(by_path))
+    assert named.recipe.to_dict()["embeddings"] == [{"path": "zorblax", "token": "zorblax"}]
+
+    monkeypatch.setattr(hosted, "active", lambda: True)
+    with pytest.raises(RecipeError, match="my_style"):
+        registry.resolve_lora("my_style")
+    with pytest.raises(RecipeError, match="zorblax"):
+        registry.resolve_embedding("zorblax")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from composer import registry
+from composer import hosted, registry, zoo
 from composer.methods import Control, Form
 from ui.form import evaluated, shown_rows
 
@@ -21,6 +21,8 @@ def component(control: Control, value=None, label: str | None = None, **layout):
     info = {"info": c.info} if c.info else {}
     if c.kind in ("model", "lora", "aggregator"):
         names = list(registry.bundled(f"{c.kind}s"))
+        if c.kind == "lora" and not hosted.active():  # the user's own folder, by name
+            names += [n for n in zoo.user_files("loras") if n not in names]
         first = [None] if c.kind == "lora" else []
         choices = [*c.choices, *first, *names]
         return gr.Dropdown(
