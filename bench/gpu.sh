@@ -9,6 +9,9 @@
 #   bash bench/gpu.sh compile  # torch.compile of the U-Net, modes default and reduce-overhead
 #   bash bench/gpu.sh toy      # the same scripts on the toy zoo (on a CPU this rewrites the
 #                              # committed *-cpu.json results: run it in a scratch clone there)
+#   bash bench/gpu.sh fisher   # data-free Fisher estimate: toy model, and SD1.5 shapes projected
+#   bash bench/gpu.sh gpus     # superposition experts placed over every visible GPU (issue 22):
+#                              # 3 and 4 SD1.5-shaped U-Nets, one GPU vs the placement
 #
 # The device has torch, accelerate, peft, safetensors, transformers and huggingface_hub (1.33,
 # enough for diffusers 0.42's >= 1.32) but not diffusers. Before the first call, on the
@@ -56,8 +59,15 @@ toy)
     python3 -m bench.aggregate_speed --repeats 2
     python3 -m bench.merge_speed --arch toy --repeats 2
     ;;
+fisher)
+    python3 -m bench.fisher_speed
+    ;;
+gpus)
+    python3 -m bench.serve_gpus --experts 3
+    python3 -m bench.serve_gpus --experts 4 --budget-gib 5
+    ;;
 *)
-    echo "usage: bash bench/gpu.sh speed|merge|engine|compile|toy" >&2
+    echo "usage: bash bench/gpu.sh speed|merge|engine|compile|toy|fisher|gpus" >&2
     exit 2
     ;;
 esac

@@ -207,3 +207,13 @@ def test_a_taken_id_draws_another_and_never_overwrites_an_entry(shares, monkeypa
         shares.save(RECIPE, [png(3)])
     assert shares.open("A" * 12).pngs == (png(1),) and shares.open("B" * 12).pngs == (png(2),)
     assert list(shares.staging.iterdir()) == []
+
+
+def test_the_local_data_folder_is_the_one_gitignore_names():
+    """``.composer-data`` sits at the repository root, where ``.gitignore``'s ``/.composer-data/``
+    keeps shared images out of commits (it used to land inside ``composer/``)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    assert root / ".composer-data" == store.LOCAL_DATA
+    assert "/.composer-data/" in (root / ".gitignore").read_text().split()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Callable
 
 import gradio as gr
 
@@ -27,6 +28,10 @@ CANCEL: dict[str, threading.Event] = {}
 """The Stop button's event per session, looked up by key (a ZeroGPU worker gets the key)."""
 STEPS: dict[str, tuple[int, int]] = {}
 """Steps done and to do of the session's running generation, for "Stopped after k of n steps"."""
+REMOTE: Callable[..., engine.Result] | None = None
+"""Serve mode (``python -m composer serve``): ``ui.serve`` sets this to a function
+with ``engine.generate``'s signature that runs the recipe on the Ray Serve ``Composer``
+deployment; ``None`` (``python app.py``, a Space) runs it in this process."""
 
 GPU_SECONDS_BASE = 20
 """Loading a checkpoint the worker has not cached yet, decoding latents, returning the images."""
@@ -71,7 +76,8 @@ def sample(recipe: Recipe, progress: gr.Progress, cancel_key: str) -> engine.Res
         progress((done, total), desc="Sampling", unit="steps")
 
     try:
-        return engine.generate(recipe, cancel=CANCEL.get(cancel_key), progress=report)
+        generate = REMOTE or engine.generate
+        return generate(recipe, cancel=CANCEL.get(cancel_key), progress=report)
     except engine.Cancelled:
         raise
     except RecipeError as e:

@@ -36,7 +36,7 @@ MAX_IMAGE_BYTES = 16 * 2**20
 """Largest PNG kept (a 2048×2048 RGB PNG of pure noise is about 12 MiB)."""
 MAX_ENTRY_BYTES = 64 * 2**20
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-LOCAL_DATA = Path(__file__).resolve().parent.parent / ".composer-data"
+LOCAL_DATA = Path(__file__).resolve().parents[2] / ".composer-data"  # the repository root
 SPACE_DATA = Path("/data")
 """Where a Hugging Face Space mounts its persistent storage, when it has some."""
 
