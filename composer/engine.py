@@ -42,9 +42,12 @@ def generate(
         for where, reference in method.models(recipe).items()
     }
     by_location = {src.location: src for src in [*sources, *models.values()]}
+    placed = method.place(recipe) if method.place is not None else {}
+    device = {src.location: placed[src.reference] for src in sources if src.reference in placed}
     with ExitStack() as stack:
         leases = {
-            loc: stack.enter_context(cache.lease(by_location[loc])) for loc in sorted(by_location)
+            loc: stack.enter_context(cache.lease(by_location[loc], device.get(loc)))
+            for loc in sorted(by_location)
         }  # one lock order for every request
         job = Job(recipe, sources, loras, leases, models, progress, cancel, embeddings)
         return method.run(job)

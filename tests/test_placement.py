@@ -3,6 +3,8 @@ placement logic alone, on the CPU; it needs neither Ray nor a GPU."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from composer import registry
@@ -71,3 +73,56 @@ def test_a_superposition_recipe_is_split_over_two_devices_or_refused_on_one():
     assert placed.device == {"toy-cool": "cuda:0", "toy-warm": "cuda:1"}
     with pytest.raises(PlacementError, match=r"toy-cool .* toy-warm .*they need 2"):
         place_recipe(recipe, budget, devices=1)
+
+
+def test_a_superposition_is_placed_over_gpus_only_when_one_cannot_hold_it(monkeypatch):
+    """``superpose.place`` (what the engine asks before it leases the models): nothing to place
+    on one device or when one GPU holds every model; else each model on its GPU; and a refusal
+    that names the devices needed when even all of them are too small."""
+    import torch
+
+    from composer.methods import superpose
+
+    recipe = parse({"prompt": "", "method": "superpose", "experts": [
+        {"model": "toy-warm", "prompt": "a red circle"},
+        {"model": "toy-cool", "prompt": "a blue square"},
+    ]})  # fmt: skip
+    one_model = math.ceil(weights_bytes(registry.resolve_model("toy-warm").location) * HEADROOM)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert superpose.place(recipe) == {}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("COMPOSER_GPU_BUDGET_GB", str(3 * one_model / GiB))
+    assert superpose.place(recipe) == {}  # both fit one GPU
+    monkeypatch.setenv("COMPOSER_GPU_BUDGET_GB", str(1.5 * one_model / GiB))
+    assert sorted(superpose.place(recipe).values()) == ["cuda:0", "cuda:1"]
+    monkeypatch.setenv("COMPOSER_GPU_BUDGET_GB", str(0.5 * one_model / GiB))
+    with pytest.raises(PlacementError, match="needs more than one device"):
+        superpose.place(recipe)
+
+
+def test_the_engine_leases_each_placed_model_on_its_device(monkeypatch):
+    """What ``place`` answers is what the engine loads: a model placed on another device gets a
+    cache entry of its own there; one placed on the default device shares the default entry."""
+    from composer import engine
+    from composer.methods import METHODS
+
+    leased = []
+    cache = registry.ModelCache()
+    real = cache.lease
+
+    def spy(source, device=None):
+        leased.append((source.reference, device))
+        return real(source, device)
+
+    monkeypatch.setattr(cache, "lease", spy)
+    from dataclasses import replace
+
+    placing = replace(METHODS["superpose"], place=lambda recipe: {"toy-cool": "cpu"})
+    monkeypatch.setitem(METHODS, "superpose", placing)
+    recipe = parse({"prompt": "", "method": "superpose", "sampler": {"steps": 2}, "experts": [
+        {"model": "toy-warm", "prompt": "a red circle"},
+        {"model": "toy-cool", "prompt": "a blue square"},
+    ]})  # fmt: skip
+    assert len(engine.generate(recipe, cache=cache).images) == 1
+    assert sorted(leased) == [("toy-cool", "cpu"), ("toy-warm", None)]
+    assert len(cache._entries) == 2  # "cpu" is the default device here: no second copy

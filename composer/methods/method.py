@@ -89,6 +89,10 @@ class Method:
     """Model references beyond the experts', by recipe field (``{"merge.base": "toy-base"}``)."""
     references: Callable[[Any], list[tuple[str, str, str]]] = field(default=lambda recipe: [])
     """Other references the recipe names: ``(kind, reference, field)`` (an aggregator)."""
+    place: Callable[[Any], dict[str, str]] | None = None
+    """``place(recipe)``: model reference → device for models that go on a device of their own
+    (superposition experts over several GPUs, ``composer.serve.placement``); ``{}`` or ``None``:
+    every model on the default device."""
     unet_calls: Callable[[Any], int] = field(default=lambda recipe: 1)
     """U-Net passes per step per image (CFG aside), for the ZeroGPU time estimate."""
     extra_seconds: Callable[[Any], float] = field(default=lambda recipe: 0.0)

@@ -233,6 +233,32 @@ INTRO = (
     "main prompt."
 )
 
+def place(recipe) -> dict[str, str]:
+    """Each expert's model on a GPU of its own when one GPU cannot hold them all (issue 22):
+    ``{}`` (everything on the default device) with fewer than two CUDA devices or when the
+    models fit one; else model → ``cuda:i`` (``composer.serve.placement``), or a
+    ``PlacementError`` that says how many devices it would take. Only latents and predictions
+    cross devices (``SuperpositionPipeline``). ``COMPOSER_GPU_BUDGET_GB`` sets the share of
+    each GPU the models may fill (default: 90 % of the smallest)."""
+    import os
+
+    import torch
+
+    devices = torch.cuda.device_count()
+    if devices < 2:
+        return {}
+    from composer.serve.placement import GiB, PlacementError, place_recipe
+
+    budget = int(float(os.environ.get("COMPOSER_GPU_BUDGET_GB") or 0) * GiB) or int(
+        0.9 * min(torch.cuda.get_device_properties(i).total_memory for i in range(devices))
+    )
+    try:
+        place_recipe(recipe, budget, 1)
+        return {}  # one GPU holds them: no traffic between devices
+    except PlacementError:
+        return dict(place_recipe(recipe, budget, devices).device)
+
+
 METHOD = Method(
     name="superpose",
     summary="SuperDiff OR / AND of experts, re-weighted every step",
@@ -242,6 +268,7 @@ METHOD = Method(
     parse_section=parse_section,
     section_json=section_json,
     references=references,
+    place=place,
     unet_calls=lambda recipe: len(recipe.experts),
     labels=labels,
     sampler="SuperDiff Euler-Maruyama",

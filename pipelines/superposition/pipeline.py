@@ -295,7 +295,10 @@ class SuperpositionPipeline(EnsemblePipeline):
                     "text_embeds": torch.cat(text).to(unet.dtype),
                     "time_ids": time_ids.repeat(rows * batch, 1).to(unet.dtype),
                 }
-            embeds = torch.cat(([neg_embeds[:batch]] if cfg else []) + [embeds]).to(unet.dtype)
+            embeds = torch.cat(([neg_embeds[:batch]] if cfg else []) + [embeds])
+            embeds = embeds.to(unet.device, unet.dtype)  # a U-Net may sit on another GPU
+            if added_cond_kwargs is not None:
+                added_cond_kwargs = {k: v.to(unet.device) for k, v in added_cond_kwargs.items()}
             groups.append(_UNetBatch(unet, indices, embeds, added_cond_kwargs, adapters))
         return groups
 
@@ -320,7 +323,11 @@ class SuperpositionPipeline(EnsemblePipeline):
         device = self._execution_device
         streams = (
             [torch.cuda.Stream(device) for _ in groups]
-            if cuda_streams and device.type == "cuda" and len(groups) > 1 and not switching
+            if cuda_streams
+            and device.type == "cuda"
+            and len(groups) > 1
+            and not switching
+            and all(g.unet.device == device for g in groups)  # placed experts: their own GPUs
             else None
         )
 
@@ -328,13 +335,16 @@ class SuperpositionPipeline(EnsemblePipeline):
             if switching:
                 activate(group.adapters, group.unet, self._text_encoders())
             k = len(group.experts) + int(cfg)
+            # Experts may be placed on several GPUs (one model each, composer.serve.placement):
+            # only the latents go out and the predictions come back; no-ops on one device.
+            here = group.unet.device
             return group.unet(
-                x_vp.to(group.unet.dtype).repeat(k, *([1] * (x_vp.dim() - 1))),
-                t,
+                x_vp.to(here, group.unet.dtype).repeat(k, *([1] * (x_vp.dim() - 1))),
+                t.to(here),
                 encoder_hidden_states=group.embeds,
                 added_cond_kwargs=group.added_cond_kwargs,
                 return_dict=False,
-            )[0]
+            )[0].to(device)
 
         def call_on_streams(x_vp: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
             main = torch.cuda.current_stream(device)
