@@ -22,15 +22,15 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from composer import hosted, speedups
-from composer.checkpoints.ldm_format import CONFIG_KEY
+from composer import hosted, speedups, zoo
+from composer.checkpoints import single_file, validate
 from composer.device import pick_device
 from composer.recipe import RecipeError, looks_like_hub_id
 from composer.zoo import ASSETS as ASSETS  # the bundled zoo, for callers of registry.ASSETS
@@ -82,8 +82,8 @@ _LORAS = _Kind(
     LORA_FILE,
     not_a_folder="{where}: {reference} is not a LoRA file or a folder holding " + LORA_FILE,
     missing="{where}: {reference} is not a LoRA file or a folder holding " + LORA_FILE,
-    unknown="{where}: unknown LoRA {reference}; expected a bundled LoRA ({names}), a "
-    ".safetensors file or a Hub id (owner/name)",
+    unknown="{where}: unknown LoRA {reference}; expected a bundled LoRA ({names}), a name in "
+    "COMPOSER_LORA_DIR, a .safetensors file or a Hub id (owner/name)",
 )
 
 
@@ -91,6 +91,10 @@ def _resolve(reference: str, where: str, kind: _Kind) -> Source:
     names = bundled(kind.folder)
     if reference in names:
         return Source(reference, "bundled", str(names[reference]))
+    own = {} if hosted.active() or kind.folder != "loras" else zoo.user_files("loras")
+    if reference in own:  # a name in COMPOSER_LORA_DIR, as A1111's <lora:NAME> finds it
+        _check_weights_file(own[reference], where)
+        return Source(reference, "single_file", str(own[reference]))
     if hosted.active() and not hosted.uploaded(reference):
         if looks_like_hub_id(reference) and not _looks_like_path(reference):
             return Source(reference, "hub", reference)
@@ -233,11 +237,11 @@ def _check_weights_file(path: Path, where: str) -> None:
     if suffix != ".safetensors":
         raise RecipeError(f"{where}: {str(path)!r} is not a .safetensors file")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except Exception as e:  # safetensors raises its own error types for every kind of damage
+        validate.check_header(path)
+    except (OSError, validate.WeightsError) as e:
+        reason = e.reason if isinstance(e, validate.WeightsError) else str(e)
         raise RecipeError(
-            f"{where}: {str(path)!r} is not a readable .safetensors file ({e})"
+            f"{where}: {str(path)!r} is not a readable .safetensors file ({reason})"
         ) from None
 
 
@@ -269,8 +273,7 @@ def _pipeline_class(source: Source):
             return StableDiffusionPipeline  # an allowed pickle file: no cheap look inside
         with safe_open(source.location, framework="pt") as f:
             keys = f.keys()
-        is_xl = any(k.startswith("conditioner.embedders.1") for k in keys)
-        return StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+        return StableDiffusionXLPipeline if single_file.is_sdxl(keys) else StableDiffusionPipeline
     if source.kind == "hub":
         return DiffusionPipeline
     index = json.loads((Path(source.location) / "model_index.json").read_text())
@@ -282,23 +285,9 @@ def _pipeline_class(source: Source):
 
 
 def single_file_config(source: Source) -> str | None:
-    """The diffusers folder whose configs a single-file checkpoint is read with, offline.
-
-    In order: the folder or bundled model named in the file's ``__metadata__`` (our exports write
-    it), then ``COMPOSER_SINGLE_FILE_CONFIG``; ``None`` lets diffusers fetch the standard configs
-    for the detected architecture from the Hub, which needs a network.
-    """
-    named = None
-    if source.location.endswith(".safetensors"):
-        with safe_open(source.location, framework="pt") as f:
-            named = (f.metadata() or {}).get(CONFIG_KEY)
-    if named:
-        models = bundled("models")
-        if named in models:
-            return str(models[named])
-        if (Path(named) / "model_index.json").is_file():
-            return named
-    return os.environ.get("COMPOSER_SINGLE_FILE_CONFIG") or None
+    """The diffusers folder whose configs a single-file checkpoint is read with, offline
+    (``single_file.config_folder``)."""
+    return single_file.config_folder(source.location, bundled("models"))
 
 
 def load_pipeline(source: Source, device: torch.device, dtype: torch.dtype):
@@ -346,18 +335,38 @@ def load_pipeline(source: Source, device: torch.device, dtype: torch.dtype):
     except Exception as e:
         # every library error is the file's: diffusers' SingleFileComponentError (metadata or
         # unrelated keys only), a config naming a class that does not exist (TypeError,
-        # ModuleNotFoundError), a header that lies about its tensors
+        # ModuleNotFoundError), a header that lies about its tensors; a tensor of the wrong
+        # shape is named as the file names it (checked only now: it costs nothing when loading
+        # succeeds)
+        if config is not None and source.location.endswith(".safetensors"):
+            try:
+                single_file.check_shapes(source.location, config)
+            except validate.WeightsError as bad:
+                raise RecipeError(f"model {source.reference!r}: {bad}") from None
         raise RecipeError(
             f"model {source.reference!r}: could not be loaded: "
             f"{_first_line(str(e)) or type(e).__name__}"
         ) from None
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe if device.type == "cpu" else pipe.to(device)
+    _check_loaded(pipe, source)
     try:
         speedups.prepare(pipe, speedups.Speedups.from_env())
     except ValueError as e:
         raise RecipeError(f"model {source.reference!r}: {e}") from None
     return pipe
+
+
+def _check_loaded(pipe, source: Source) -> None:
+    """Weights validated once, where they now lie (``checkpoints.validate``): every tensor
+    finite; a single file's scheduler told whether it predicts v (``single_file``)."""
+    files = [] if source.kind == "hub" else validate.weight_files(source.location)
+    try:
+        validate.check_pipeline(pipe, files)
+    except validate.WeightsError as e:
+        raise RecipeError(f"model {source.reference!r}: {e}") from None
+    if source.kind == "single_file" and source.location.endswith(".safetensors"):
+        single_file.set_prediction(pipe, source.location)
 
 
 def quiet_libraries() -> None:
@@ -404,34 +413,69 @@ class Lease:
                 pipe.disable_lora()
             return
         adapters = self.load_loras(loras)
-        pipe.enable_lora()
-        pipe.set_adapters([n for n, _ in adapters], adapter_weights=[w for _, w in adapters])
+        try:
+            pipe.enable_lora()
+            pipe.set_adapters([n for n, _ in adapters], adapter_weights=[w for _, w in adapters])
+        except Exception as e:  # a header that loaded but cannot be switched on: never again
+            for path, _ in loras:
+                self._forget(path)
+            raise RecipeError(
+                f"LoRA could not be applied to this model: {_first_line(str(e))}"
+            ) from None
 
     def load_loras(
         self, loras: list[tuple[str, float]], keep: set[str] = frozenset()
     ) -> tuple[tuple[str, float], ...]:
         """Load ``loras`` as adapters (if not loaded yet) without changing which are active;
-        returns their (adapter name, strength) pairs. Making room never unloads ``keep``."""
-        names = []
-        for path, _ in loras:
-            name = self.entry.adapters.get(path)
-            if name is None:
-                self._make_room(keep={p for p, _ in loras} | set(keep))
-                name = (
-                    f"lora_{len(self.entry.adapters)}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
-                )
-                try:
-                    with LOADING, warnings.catch_warnings():
-                        # peft warns on every adapter after the first; several are the point
-                        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                        self.pipe.load_lora_weights(path, adapter_name=name)
-                except (OSError, ValueError, KeyError, RuntimeError) as e:
-                    raise RecipeError(
-                        f"LoRA {path!r} could not be applied to this model: {_first_line(str(e))}"
-                    ) from None
-                self.entry.adapters[path] = name
-            names.append(name)
-        return tuple(zip(names, (float(w) for _, w in loras), strict=True))
+        returns their (adapter name, weight) pairs. Making room never unloads ``keep``.
+
+        Each file is read, checked and placed on this model's weights by ``lora_adapters``
+        first (the reader merges use): one that does not fit is refused before anything loads.
+        """
+        from composer.lora_adapters import adapter_for
+
+        out = []
+        for path, strength in loras:
+            dora_key = f"{path}@{float(strength)!r}"
+            if path in self.entry.adapters:
+                out.append((self.entry.adapters[path], float(strength)))
+                continue
+            if dora_key in self.entry.adapters:
+                out.append((self.entry.adapters[dora_key], 1.0))
+                continue
+            self._make_room(keep={p for p, _ in loras} | set(keep))
+            name = f"lora_{len(self.entry.adapters)}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+            try:
+                with LOADING, warnings.catch_warnings():
+                    adapter = adapter_for(self.pipe, path, float(strength))
+                    if adapter.key != path:
+                        name += f"_{hashlib.sha1(adapter.key.encode()).hexdigest()[:6]}"
+                    # peft warns on every adapter after the first; several are the point
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                    self.pipe.load_lora_weights(
+                        adapter.source,
+                        adapter_name=name,
+                        use_safetensors=True if not pickle_allowed() else None,
+                    )
+            except Exception as e:  # whatever the library says, half an adapter stays not
+                self._forget(path, name)
+                reason = _first_line(str(e))
+                if reason.startswith(path + ": "):  # our reader's message names the file
+                    reason = reason[len(path) + 2 :]
+                raise RecipeError(
+                    f"LoRA {path!r} could not be applied to this model: {reason}"
+                ) from None
+            self.entry.adapters[adapter.key] = name
+            out.append((name, adapter.weight))
+        return tuple(out)
+
+    def _forget(self, path: str, name: str | None = None) -> None:
+        """Unload ``path``'s adapter (or the half-loaded ``name``) so that a failure leaves
+        nothing behind in the cached pipeline and the next request tries afresh."""
+        keys = [k for k in self.entry.adapters if k == path or k.startswith(path + "@")]
+        for each in {self.entry.adapters.pop(k) for k in keys} | ({name} if name else set()):
+            with suppress(Exception):  # never loaded far enough to be deleted: nothing to forget
+                self.pipe.delete_adapters(each)
 
     def _make_room(self, keep: set[str]) -> None:
         """Delete the oldest loaded adapters beyond ``MAX_ADAPTERS`` (repeated LoRA swaps grow
@@ -439,7 +483,7 @@ class Lease:
         for path in list(self.entry.adapters):
             if len(self.entry.adapters) < MAX_ADAPTERS:
                 break
-            if path not in keep:
+            if path not in keep and path.rpartition("@")[0] not in keep:
                 self.pipe.delete_adapters(self.entry.adapters.pop(path))
 
 
@@ -465,32 +509,39 @@ class ModelCache:
         return location in self._entries
 
     @contextmanager
-    def lease(self, source: Source) -> Iterator[Lease]:
-        """Hold the cached pipeline for ``source`` (loading it if needed) for one request."""
-        entry = self._get(source)
+    def lease(self, source: Source, device: str | None = None) -> Iterator[Lease]:
+        """Hold the cached pipeline for ``source`` (loading it if needed) for one request; on
+        ``device`` (``cuda:1``) when a placement asks for one, else on the default device."""
+        entry = self._get(source, device)
         with entry.lock:
             yield Lease(entry)
 
-    def _get(self, source: Source) -> _Entry:
+    def _get(self, source: Source, on: str | None = None) -> _Entry:
+        device, dtype = pick_device()
+        wanted = torch.device(on) if on is not None else device
+        if (wanted.type, wanted.index or 0) != (device.type, device.index or 0):
+            key = f"{source.location}@{on}"  # the same model on another GPU: its own entry
+            device = wanted
+        else:
+            key = source.location
         with self._lock:
-            entry = self._entries.get(source.location)
+            entry = self._entries.get(key)
             if entry is not None:
-                self._entries.move_to_end(source.location)
+                self._entries.move_to_end(key)
                 return entry
         with LOADING:  # one load at a time, and never the same model twice
             with self._lock:
-                entry = self._entries.get(source.location)
+                entry = self._entries.get(key)
                 if entry is not None:
                     return entry
-            device, dtype = pick_device()
             pipe = load_pipeline(source, device, dtype)
         with self._lock:
-            entry = self._entries.get(source.location)
+            entry = self._entries.get(key)
             if entry is None:
                 entry = _Entry(pipe, pipeline_bytes(pipe), threading.Lock(), {})
-                self._entries[source.location] = entry
+                self._entries[key] = entry
                 self.loads += 1
-                self._evict(keep=source.location)
+                self._evict(keep=key)
             return entry
 
     def _evict(self, keep: str) -> None:
@@ -515,11 +566,13 @@ def resolve_embedding(reference: str, where: str = "embedding") -> str:
         raise RecipeError(
             f"{where}: {reference!r} is not available on this server; upload the embedding file"
         )
-    path = Path(reference).expanduser()
+    own = {} if hosted.active() else zoo.user_files("embeddings")
+    path = own.get(reference) or Path(reference).expanduser()
     if not path.is_file():
         raise RecipeError(
             f"{where}: {reference!r} is not an embedding file; expected the path of a "
-            ".safetensors file"
+            ".safetensors file or a name in COMPOSER_EMBEDDING_DIR"
+            + (f" ({', '.join(sorted(own)[:8])})" if own else "")
         )
     _check_weights_file(path, where)
     return str(path.resolve())

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from composer.checkpoints import ldm_format
 from composer.checkpoints.names import merge_name
+from composer.checkpoints.validate import first_non_finite
 from composer.checkpoints.writer import CODES
 
 
@@ -84,7 +85,7 @@ class ModelFiles:
     def __init__(
         self, reference: str, location: str, config_folder: str, where: str, stack: ExitStack
     ):
-        self.reference = reference
+        self.reference, self.where = reference, where
         self.config_folder = config_folder
         self.text: dict[str, TextSource] = {}
         if Path(location).is_file():
@@ -156,11 +157,19 @@ class ModelFiles:
         return tuple(f.get_slice(key).get_shape())
 
     def read(self, name: str, device: torch.device) -> torch.Tensor:
-        """Parameter ``name`` in fp32 on ``device``."""
+        """Parameter ``name`` in fp32 on ``device`` (float8, fp16 and bf16 upcast), checked
+        finite: a NaN is refused naming the model and the tensor, never merged or written."""
         if name in self.text:
-            return self.text[name].read().to(device=device, dtype=torch.float32)
-        f, key = self._unet[name]
-        return f.get_tensor(key).to(device=device, dtype=torch.float32)
+            value = self.text[name].read().to(device=device, dtype=torch.float32)
+        else:
+            f, key = self._unet[name]
+            value = f.get_tensor(key).to(device=device, dtype=torch.float32)
+        if first_non_finite([(name, value)]):
+            raise CheckpointError(
+                f"{self.where}: {self.reference!r}: tensor {name} holds a non-finite value "
+                "(NaN or infinity)"
+            )
+        return value
 
     def bakeable(self) -> dict[str, tuple[int, ...]]:
         """The shapes of the weights a LoRA may change, by ``names.lora_name``."""
@@ -240,6 +249,8 @@ def _open_all(folder: Path, stem: str, stack: ExitStack, where: str) -> dict:
 
 
 def _dtype(code: str) -> torch.dtype:
+    if code in ("F8_E4M3", "F8_E5M2"):
+        return torch.float32  # float8 checkpoints are upcast on load
     reverse = {v: k for k, v in CODES.items()}
     if code not in reverse:
         raise CheckpointError(f"unsupported tensor dtype {code} in an input file")

@@ -24,12 +24,3 @@ def lora_name(component: str, key: str) -> str:
     """The name of a parameter as a bake plan (``merge.lora.Layers``) keys it: ``unet.<name>``
     for the U-Net, ``merge_name`` for the text encoders."""
     return f"unet.{key}" if component == "unet" else merge_name(component, key)
-
-
-def parameter_of(module: str) -> str:
-    """A LoRA module name (``lora_files.read_lora``'s keys) → the name of the weight it changes,
-    spelt as ``lora_name`` spells it."""
-    component, _, inner = module.partition(".")
-    if component in TEXT_ENCODERS:
-        inner = clip_inner(inner)
-    return f"{component}.{inner}.weight"

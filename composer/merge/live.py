@@ -140,8 +140,9 @@ def merged_model(
             files,
             {lora_name(c, k): tuple(v.shape) for c, sd in sd_by_c.items() for k, v in sd.items()},
             name,
+            dict(mods["unet"].config),
         )
-        for (name, _, _), sd_by_c, files in zip(experts, sources, loras, strict=True)
+        for (name, mods, _), sd_by_c, files in zip(experts, sources, loras, strict=True)
     ]
     try:
         block_weight = weight_map(first["unet"].config, settings.block_weights, settings.overrides)

@@ -19,24 +19,36 @@ LoRA files are read and written by ``composer.checkpoints.lora_files``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
 from composer.checkpoints.lora_files import LoraPair, read_lora, read_lora_cached
-from composer.checkpoints.names import parameter_of
+from composer.checkpoints.lora_formats import kohya_name, place
 from composer.merge.registry import LORA_MERGE_METHODS, MERGE_METHODS, Merge, MergeError, Operands
 
 
 def concat(pairs: Sequence[LoraPair], strengths: Sequence[float]) -> LoraPair:
     """Σᵢ sᵢ·ΔWᵢ exactly, as one LoRA of rank Σrᵢ (scale 1)."""
-    downs = [p.down.float() for p in pairs]
+    if any(p.magnitude is not None for p in pairs):
+        raise ValueError(
+            "a DoRA layer (dora_scale) rescales the model's own weight: it can be baked into "
+            "a model, not merged into another LoRA"
+        )
+    shape = common_shape(pairs)
+    downs = [p.down.reshape(p.rank, *shape[1:]).float() for p in pairs]
     ups = [
-        (s * p.scale) * p.up.reshape(p.up.shape[0], p.rank, *p.up.shape[2:]).float()
+        (s * p.scale) * p.up.reshape(shape[0], p.rank, *[1] * (len(shape) - 2)).float()
         for p, s in zip(pairs, strengths, strict=True)
     ]
     return LoraPair(torch.cat(downs, dim=0), torch.cat(ups, dim=1), 1.0)
+
+
+def common_shape(pairs: Sequence[LoraPair]) -> tuple[int, ...]:
+    """The shape of the weight ``pairs`` change, as the pair that knows most of it says: a
+    conv's ΔW is (out, in, kh, kw), but some layouts store it flattened (LoHa's (out, in·kh·kw),
+    a 1×1 kernel as a matrix)."""
+    return max((p.shape for p in pairs), key=len)
 
 
 def from_delta(delta: torch.Tensor, rank: int, conv_up_shape: bool = False) -> LoraPair:
@@ -76,7 +88,10 @@ def merge_pairs(
     if method not in LORA_MERGE_METHODS:
         *first, last = LORA_MERGE_METHODS
         raise ValueError(f"LoRA merge method must be {', '.join(first)} or {last}: {method!r}")
-    deltas = [p.delta(s) for p, s in zip(pairs, strengths, strict=True)]
+    if any(p.magnitude is not None for p in pairs):
+        return concat(pairs, strengths)  # refuses, with the reason
+    shape = common_shape(pairs)
+    deltas = [p.delta(s).reshape(shape) for p, s in zip(pairs, strengths, strict=True)]
     zero = torch.zeros_like(deltas[0])
     settings = Merge(method, density=density, seed=seed, sign_rule=sign_rule)
     delta = MERGE_METHODS[method].fn(settings, Operands(name, zero, deltas, None))
@@ -97,8 +112,12 @@ def merge_files(
     seed: int = 0,
 ) -> dict[str, LoraPair]:
     """Merge LoRA files module by module; a module only some files train is merged with zero
-    from the others (its ΔW is 0 there)."""
+    from the others (its ΔW is 0 there). Files in kohya's layout and diffusers' meet under
+    kohya's module names (``lora_formats.kohya_name``)."""
     loras = [read_lora(p) for p in paths]
+    if any(m.startswith("lora_") for lora in loras for m in lora):
+        xl = any(m.startswith(("lora_te2_", "text_encoder_2.")) for lora in loras for m in lora)
+        loras = [{kohya_name(m, xl): p for m, p in lora.items()} for lora in loras]
     modules = list(dict.fromkeys(k for lora in loras for k in lora))
     out = {}
     for module in modules:
@@ -150,41 +169,42 @@ def bake_plan(
     loras: Iterable[tuple[str, str, float]],
     shapes: Mapping[str, tuple[int, ...]],
     model: str,
+    unet_config: dict | None = None,
 ) -> Layers:
     """Read ``loras`` ((where, path, strength): ``where`` names the recipe field for messages)
-    and place every layer on the weight it changes, before any tensor is computed.
+    and place every layer on the weight it changes (``lora_formats.place``; ``unet_config``
+    lets kohya's LDM-named U-Net modules be placed), before any tensor is computed.
 
     ``shapes`` holds the weights that can be baked (``Layers`` names). A layer with no weight of
     its shape in ``shapes`` is a ``MergeError``: the LoRA does not fit."""
     plan: Layers = {}
-    components = sorted({k.partition(".")[0] for k in shapes})
     for where, path, strength in loras:
         try:
             pairs = read_lora_cached(path)
         except (OSError, ValueError, KeyError) as e:
             raise MergeError(f"{where}: {path!r} could not be read as a LoRA ({e})") from None
-        for module, pair in pairs.items():
-            name = parameter_of(module)
-            shape = shapes.get(name)
-            if shape is None:
-                raise MergeError(
-                    f"{where}: {path!r} does not fit {model!r}: it changes {module}, which is not "
-                    f"a weight of its {', '.join(components)} that can be baked"
-                )
-            if pair.shape[0] != shape[0] or math.prod(pair.shape) != math.prod(shape):
-                raise MergeError(
-                    f"{where}: {path!r} does not fit {model!r}: its ΔW for {module} is "
-                    f"{pair.shape}, the weight is {tuple(shape)}"
-                )
+        try:
+            placed = place(pairs, shapes, unet_config)
+        except ValueError as e:
+            raise MergeError(f"{where}: {path!r} does not fit {model!r}: {e}") from None
+        for name, pair in placed.items():
             plan.setdefault(name, []).append((pair, strength))
     return plan
 
 
 def baked(weight: torch.Tensor, layers: Sequence[tuple[LoraPair, float]] = ()) -> torch.Tensor:
-    r"""W' = W + Σⱼ sⱼ·(αⱼ/rⱼ)·Bⱼ·Aⱼ in fp32 on W's device (W itself in fp32 when no layer
-    changes it). Never modifies W."""
-    out = weight.float()
+    r"""W' = W + Σⱼ (W'ⱼ − W) in fp32 on W's device, each layer's change computed from W alone
+    (``LoraPair.change``: sⱼ·(αⱼ/rⱼ)·Bⱼ·Aⱼ for a plain layer), as lycoris applies several
+    modules on one weight. W itself in fp32 when no layer changes it; W is never modified."""
+    base = weight.float()
+    out = base
     for pair, strength in layers:
-        on = LoraPair(pair.down.to(out.device), pair.up.to(out.device), pair.scale)
-        out = out + on.delta(strength).reshape(out.shape)
+        on = LoraPair(
+            pair.down.to(base.device),
+            pair.up.to(base.device),
+            pair.scale,
+            pair.magnitude,
+            pair.peft_dora,
+        )
+        out = out + on.change(base, strength)
     return out

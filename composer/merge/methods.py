@@ -100,10 +100,14 @@ def magnitude_threshold(values: Tensor, density: float) -> Tensor:
     code keeps ⌊ρn⌋ + 1 via ``kthvalue``; the difference is one entry).
 
     With ``topk`` (never ``kthvalue``, ~170× slower on CUDA). Entries ≥ the threshold are kept;
-    ties at the threshold are kept too, as in the TIES reference code."""
+    ties at the threshold are kept too, as in the TIES reference code. A non-finite threshold
+    (NaN or infinity in ``values``) is a ``ValueError``: nothing is dropped silently."""
     n = values.shape[-1]
     k = max(1, min(n, math.ceil(density * n)))
-    return values.abs().topk(k, dim=-1, largest=True, sorted=False).values.min(dim=-1).values
+    low = values.abs().topk(k, dim=-1, largest=True, sorted=False).values.min(dim=-1).values
+    if not bool(torch.isfinite(low).all()):  # else every entry of that task vector is dropped
+        raise ValueError("a task vector holds NaN or infinity; TIES cannot trim it")
+    return low
 
 
 def trim(tau: Tensor, density: float, thresholds: Tensor | None = None) -> Tensor:

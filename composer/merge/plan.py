@@ -79,16 +79,21 @@ def merge_parameter(
     others = [*experts[1:], *([base] if base is not None else [])]
     if shortcut and all(torch.equal(experts[0], t.to(experts[0].dtype)) for t in others):
         return experts[0]
-    return merge_tensor(
-        settings,
-        name,
-        base.float() if base is not None else None,
-        [t.float() for t in experts],
-        weights,
-        block_weight,
-        thresholds,
-        fishers,
-    )
+    try:
+        return merge_tensor(
+            settings,
+            name,
+            base.float() if base is not None else None,
+            [t.float() for t in experts],
+            weights,
+            block_weight,
+            thresholds,
+            fishers,
+        )
+    except MergeError:
+        raise
+    except ValueError as e:  # a method that meets what it cannot merge says so, never drops it
+        raise MergeError(f"merge: {name}: {e}") from None
 
 
 def merge_tensor(

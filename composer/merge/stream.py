@@ -62,7 +62,7 @@ class StreamedMerge:
         for c in self.components:
             check_compatible([(m.reference, m.shapes(c)) for m in models], c)
         self.layers = [
-            lora.bake_plan(files, m.bakeable(), m.reference)
+            lora.bake_plan(files, m.bakeable(), m.reference, m.config)
             for m, files in zip(self.experts, loras, strict=True)
         ]
         self.component = {n: c for c in self.components for n in first.names(c)}
