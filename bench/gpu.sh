@@ -9,6 +9,7 @@
 #   bash bench/gpu.sh compile  # torch.compile of the U-Net, modes default and reduce-overhead
 #   bash bench/gpu.sh toy      # the same scripts on the toy zoo (on a CPU this rewrites the
 #                              # committed *-cpu.json results: run it in a scratch clone there)
+#   bash bench/gpu.sh weights  # what validating weights costs as a share of an SD1.5 load
 #   bash bench/gpu.sh fisher   # data-free Fisher estimate: toy model, and SD1.5 shapes projected
 #   bash bench/gpu.sh gpus     # superposition experts placed over every visible GPU (issue 22):
 #                              # 3 and 4 SD1.5-shaped U-Nets, one GPU vs the placement
@@ -62,12 +63,15 @@ toy)
 fisher)
     python3 -m bench.fisher_speed
     ;;
+weights)
+    python3 -m bench.weight_check --arch sd15
+    ;;
 gpus)
     python3 -m bench.serve_gpus --experts 3
     python3 -m bench.serve_gpus --experts 4 --budget-gib 5
     ;;
 *)
-    echo "usage: bash bench/gpu.sh speed|merge|engine|compile|toy|fisher|gpus" >&2
+    echo "usage: bash bench/gpu.sh speed|merge|engine|compile|toy|fisher|weights|gpus" >&2
     exit 2
     ;;
 esac

@@ -52,10 +52,11 @@ def launch_options() -> dict:
     }
 
 
-PUBLIC_API = ("generate", "share", "export_merge")
-"""The endpoints documented for clients (``gradio_client``, the "Use via API" page) and, with
-the ``mcp`` package, offered to assistants as MCP tools; every other event of the page stays
-callable by the page itself but undocumented."""
+PUBLIC_API = ("generate", "export_merge")
+"""The endpoints documented for clients (the "Use via API" page) and, with the ``mcp`` package,
+offered to assistants as MCP tools. Every other event stays callable but undocumented: among
+them ``share``, which ``gradio_client`` calls in the session of its ``generate`` (README); an MCP
+call has no session, so it would have no generation to share."""
 
 
 class Page:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from composer import registry
 from composer.checkpoints.hashing import file_sha256, model_file
-from composer.recipe import Recipe, RecipeError
+from composer.recipe import Recipe, RecipeError, looks_like_hub_id
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)``: steps done so far over all images of the request."""
@@ -146,7 +146,7 @@ def hashes(
     for i in range(len(recipe.experts)):
         for lo in recipe.expert_loras(i):
             resolved = registry.resolve_lora(lo.path)
-            if not registry.looks_like_hub_id(resolved):
+            if not looks_like_hub_id(resolved):
                 lora_hashes[lo.path] = file_sha256(resolved, body_only=True)
     embedding_hashes = {token: file_sha256(path) for token, path in embeddings}
     return model_hashes, lora_hashes, embedding_hashes

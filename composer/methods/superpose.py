@@ -233,6 +233,7 @@ INTRO = (
     "main prompt."
 )
 
+
 def place(recipe) -> dict[str, str]:
     """Each expert's model on a GPU of its own when one GPU cannot hold them all (issue 22):
     ``{}`` (everything on the default device) with fewer than two CUDA devices or when the
