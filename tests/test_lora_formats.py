@@ -154,30 +154,39 @@ def test_strength_acts_as_lycoris_multiplier(fmt, tiny_sd1, sd1_cache, tmp_path)
 
 def test_kohya_file_generates_the_pixels_of_the_model_carrying_lycoris_deltas(tmp_path):
     """The engine with a LoHa (Tucker convs) on the bundled toy-base at strength 1 against the
-    same recipe run on toy-base's modules wrapped by lycoris: the same pixels (within 3/255)."""
+    same recipe run on toy-base's modules wrapped by lycoris: the same pixels (within 3/255),
+    alone and as one expert of a superposition (the other expert: toy-warm, no LoRA)."""
     toy = registry.bundled("models")["toy-base"]
     pipe = StableDiffusionPipeline.from_pretrained(toy, safety_checker=None)
     net = network(pipe, seed=11, **FORMATS["loha-tucker"])
     path = save_network(net, tmp_path / "toy-loha.safetensors")
+    sampler = {"steps": 6, "seed": 3}
 
-    def run(experts, cache):
+    def run(experts, cache, method="single"):
         recipe = parse(
-            {"prompt": "a red circle", "experts": experts, "sampler": {"steps": 6, "seed": 3}},
+            {"prompt": "a red circle", "experts": experts, "sampler": sampler, "method": method},
             check=registry.check_reference,
         )
         images = engine.generate(recipe, cache=cache).images
         return np.stack([np.asarray(im) for im in images]).astype(int)
 
-    ours = run([{"model": "toy-base", "loras": [{"path": path}]}], registry.ModelCache())
+    lora = [{"model": "toy-base", "loras": [{"path": path}]}]
+    superposed = [{**lora[0], "prompt": "a circle"}, {"model": "toy-warm", "prompt": "a shape"}]
+    ours = run(lora, registry.ModelCache())
+    ours_or = run(superposed, registry.ModelCache(), "superpose")
     wrapped = registry.ModelCache()
     with wrapped.lease(registry.resolve_model("toy-base")) as lease:
         lease.pipe.unet, lease.pipe.text_encoder = pipe.unet, pipe.text_encoder
     theirs = run([{"model": "toy-base"}], wrapped)
+    plain = [{"model": "toy-base", "prompt": "a circle"}, superposed[1]]
+    theirs_or = run(plain, wrapped, "superpose")
     for layer in net.loras:
         layer.restore()
     base = run([{"model": "toy-base"}], wrapped)
-    assert np.abs(ours - base).max() > 30
+    base_or = run(plain, wrapped, "superpose")
+    assert np.abs(ours - base).max() > 30 and np.abs(ours_or - base_or).max() > 30
     assert np.abs(ours - theirs).max() <= 3
+    assert np.abs(ours_or - theirs_or).max() <= 3
 
 
 def test_a_float8_kohya_file_applies_as_lycoris_applies_its_values(tiny_sd1, sd1_cache, tmp_path):
