@@ -498,3 +498,17 @@ def test_every_example_is_a_configuration_the_controls_show_and_the_parser_accep
             assert parse(
                 json.dumps(form.to_recipe({**form.defaults(), **form.from_recipe(parsed)}))
             )
+
+
+def test_link_recipe_returns_a_link_that_carries_the_recipe_and_refuses_a_bad_one(served):
+    """The ``link_recipe`` endpoint (an MCP tool): no session, nothing stored, a ``?recipe=``
+    link whose recipe is the one sent; an unknown model is the parser's message."""
+    from gradio_client.exceptions import AppError
+
+    recipe = {"prompt": "a red circle", "experts": [{"model": "toy-warm"}], "sampler": {"seed": 7}}
+    link = served.predict(json.dumps(recipe), api_name="/link_recipe")
+    value = parse_qs(urlsplit(link).query)["recipe"][0]
+    assert decode_recipe(value) == parse(recipe)
+    with pytest.raises(AppError, match="no-such-model"):
+        served.predict(json.dumps({**recipe, "experts": [{"model": "no-such-model"}]}),
+                       api_name="/link_recipe")  # fmt: skip

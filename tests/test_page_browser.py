@@ -180,6 +180,6 @@ def test_the_page_offers_exactly_its_documented_endpoints_as_mcp_tools(base_url)
 
     pytest.importorskip("mcp", reason="the mcp package is not installed")
     tools = httpx.get(f"{base_url}/gradio_api/mcp/schema", timeout=30).json()
-    assert sorted(t["name"] for t in tools) == ["export_merge", "generate"]
+    assert sorted(t["name"] for t in tools) == ["export_merge", "generate", "link_recipe"]
     generate = next(t for t in tools if t["name"] == "generate")
     assert "recipe" in generate["description"]

@@ -274,6 +274,17 @@ def share(last: dict | None, listed: bool = False, request: gr.Request | None = 
     return share_link(base, share_id), stateless
 
 
+def link_recipe(recipe_json: str, request: gr.Request | None = None) -> str:
+    """The ``link_recipe`` API endpoint (an MCP tool): the ``?recipe=`` link of a recipe, which
+    opens this page with its controls set and makes the same images on Re-run. It stores
+    nothing, so it needs no session: what an assistant shares after ``generate``."""
+    try:
+        recipe = parse(recipe_json, check=registry.check_reference)
+        return recipe_link(page_url(request), recipe)
+    except RecipeError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+
+
 def restore(recipe: Recipe) -> dict:
     """Updates that show ``recipe``: its controls, its tab and rows, the Recipe panel. A recipe
     the controls cannot show (more experts or LoRAs than the page has rows for, a method without

@@ -52,11 +52,11 @@ def launch_options() -> dict:
     }
 
 
-PUBLIC_API = ("generate", "export_merge")
+PUBLIC_API = ("generate", "link_recipe", "export_merge")
 """The endpoints documented for clients (the "Use via API" page) and, with the ``mcp`` package,
 offered to assistants as MCP tools. Every other event stays callable but undocumented: among
 them ``share``, which ``gradio_client`` calls in the session of its ``generate`` (README); an MCP
-call has no session, so it would have no generation to share."""
+call has no session, so it shares with ``link_recipe`` instead."""
 
 
 class Page:
@@ -162,6 +162,8 @@ class Page:
             c["go"] = gr.Button("Generate", variant="primary", elem_id="generate")
             c["halt"] = gr.Button("Stop", variant="stop", elem_id="stop")
             c["api_generate"] = gr.Button(visible=False)
+            c["link_recipe"] = gr.Button(visible=False)  # API only (handlers.link_recipe)
+            c["link_out"] = gr.Textbox(visible=False)
 
     def _results(self) -> None:
         c = self.components
@@ -307,6 +309,11 @@ class Page:
         shown_maps = [c["maps"], c["maps_caption"]]
         for event in jobs:
             event.then(views.maps_picture, [c["kappas"]], shown_maps, api_visibility="private")
+        c["link_recipe"].click(
+            handlers.link_recipe, [c["recipe_box"]], [c["link_out"]], api_name="link_recipe",
+            api_description="The ?recipe= share link of a recipe (JSON): it opens the page with "
+            "the recipe's controls set, and Re-run makes the same images. Stores nothing.",
+        )  # fmt: skip
         c["share"].click(
             handlers.share, [c["last"], c["listed"]], [c["link"], c["stateless_link"]],
             api_name="share",
