@@ -43,7 +43,7 @@ def launch_options() -> dict:
     """``demo.launch`` arguments that every way of starting the page shares (``app.py``, the
     tests): the one folder files are served from, the page's styles, the upload limit, and an
     MCP server where the ``mcp`` package is installed (``pip install "gradio[mcp]"``): the
-    documented endpoints (generate, share, export_merge) become tools for assistants."""
+    documented endpoints (``PUBLIC_API``) become tools for assistants."""
     return {
         "allowed_paths": [str(handlers.OUTPUT_DIR)],
         "css": CSS,
