@@ -15,6 +15,7 @@ anyway, so their U-Net calls of one step run side by side; the fewest devices a 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -87,9 +88,11 @@ def _gib(size: int) -> str:
     return f"{size / GiB:.2f} GiB"
 
 
+@functools.lru_cache(maxsize=64)
 def weights_bytes(folder: str | Path, dtype_bytes: int = 2) -> int:
     """The bytes a diffusers folder's weights take at ``dtype_bytes`` per number (2: fp16), from
-    the safetensors headers alone: a placement decides before anything is loaded."""
+    the safetensors headers alone: a placement decides before anything is loaded. Remembered per
+    folder: a multi-GPU process asks for every superposition request."""
     total = 0
     files = [
         Path(root) / name

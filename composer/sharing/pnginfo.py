@@ -154,15 +154,7 @@ def read_recipe(image: Image.Image | str | Path) -> Recipe:
     """The recipe a PNG carries: our ``composer_recipe`` chunk, else a best-effort recipe from
     the ``parameters`` text that A1111 (and tools that copy it) write (``from_a1111``);
     ``RecipeError`` when it carries neither, or a broken one."""
-    if not isinstance(image, Image.Image):
-        try:
-            with Image.open(image) as opened:
-                opened.load()
-                chunks = dict(opened.info)
-        except (OSError, ValueError) as e:
-            raise RecipeError(f"image: {str(image)!r} is not a readable image ({e})") from None
-    else:
-        chunks = dict(image.info)
+    chunks = _chunks(image)
     text = chunks.get(RECIPE_CHUNK)
     if text is None and isinstance(chunks.get(PARAMETERS_CHUNK), str):
         return parse(from_a1111(chunks[PARAMETERS_CHUNK]))
@@ -258,11 +250,23 @@ INFORMATIONAL = frozenset(
 """Settings that describe the image rather than change it (hashes, versions, batch context)."""
 
 
+def _chunks(image: Image.Image | str | Path) -> dict:
+    """An image's text chunks (``RecipeError`` when a file is not a readable image)."""
+    if isinstance(image, Image.Image):
+        return dict(image.info)
+    try:
+        with Image.open(image) as opened:
+            opened.load()
+            return dict(opened.info)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"image: {str(image)!r} is not a readable image ({e})") from None
+
+
 def not_carried(image: Image.Image | str | Path) -> list[str]:
     """The settings of an image made by AUTOMATIC1111 (or a tool that writes its text) that its
     recipe does not hold, e.g. ``Clip skip`` or ``Hires upscale``: what to tell a user whose
     restored controls may not remake that image. Empty for our own PNGs."""
-    chunks = dict(image.info) if isinstance(image, Image.Image) else dict(Image.open(image).info)
+    chunks = _chunks(image)
     text = chunks.get(PARAMETERS_CHUNK)
     if RECIPE_CHUNK in chunks or not isinstance(text, str):
         return []
